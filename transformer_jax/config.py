@@ -1,0 +1,183 @@
+"""Model configuration: one frozen, validated dataclass and the paper's presets.
+
+Special token ids are fixed here, once, for the tokenizer, the model and the decoders:
+PAD_ID 0 (padding, never attended), EOS_ID 1 (end of sentence, appended to every source and
+target), UNK_ID 2 (unknown piece), BOS_ID 3 (the decoder's start token, shifted in at the start
+of every target segment).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2
+BOS_ID = 3
+NUM_RESERVED_IDS = 4
+
+DType = Literal["float32", "bfloat16", "float16"]
+NormPosition = Literal["post", "pre"]
+NormType = Literal["layernorm", "rmsnorm"]
+PositionEncoding = Literal["sinusoidal", "learned"]
+FeedForward = Literal["relu", "gelu", "swiglu"]
+EmbeddingSharing = Literal["all", "target", "none"]
+AttentionImpl = Literal["einsum", "dot_product"]
+PresetName = Literal["tiny", "base", "big"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of the encoder-decoder Transformer; defaults are the paper's base model."""
+
+    vocab_size: int = 37000
+    d_model: int = 512
+    num_heads: int = 8
+    # Key/value heads; fewer than num_heads gives grouped-query (1 gives multi-query) attention.
+    num_kv_heads: int | None = None
+    d_ff: int = 2048
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    # Residual dropout (paper section 5.4): sublayer outputs and embedding + position sums.
+    dropout_rate: float = 0.1
+    # On attention probabilities (tensor2tensor has it; the paper does not). einsum only.
+    attention_dropout_rate: float = 0.0
+    # On the FFN hidden activation (tensor2tensor's relu_dropout; not in the paper).
+    relu_dropout_rate: float = 0.0
+    # Largest position id the model supports (sinusoid table / learned table size).
+    max_len: int = 512
+    embedding_sharing: EmbeddingSharing = "all"
+    norm_position: NormPosition = "post"
+    norm_type: NormType = "layernorm"
+    layer_norm_epsilon: float = 1e-6
+    position_encoding: PositionEncoding = "sinusoidal"
+    feed_forward: FeedForward = "relu"
+    # Biases on attention and FFN projections (the paper's count includes them).
+    use_bias: bool = True
+    dtype: DType = "float32"
+    param_dtype: DType = "float32"
+    attention_impl: AttentionImpl = "einsum"
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_len"):
+            _require(getattr(self, name) > 0, name, "must be a positive integer")
+        for name in ("num_encoder_layers", "num_decoder_layers"):
+            _require(getattr(self, name) >= 1, name, "must be at least 1")
+        for name in ("dropout_rate", "attention_dropout_rate", "relu_dropout_rate"):
+            rate = getattr(self, name)
+            _require(0.0 <= rate < 1.0, name, f"must be in [0, 1), got {rate}")
+        _require(
+            self.d_model % self.num_heads == 0,
+            "d_model",
+            f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}",
+        )
+        if self.num_kv_heads is not None:
+            _require(self.num_kv_heads > 0, "num_kv_heads", "must be a positive integer")
+            _require(
+                self.num_heads % self.num_kv_heads == 0,
+                "num_kv_heads",
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}",
+            )
+        _require(
+            self.vocab_size > NUM_RESERVED_IDS,
+            "vocab_size",
+            f"must exceed the {NUM_RESERVED_IDS} reserved ids (pad, eos, unk, bos)",
+        )
+        _require(self.layer_norm_epsilon > 0, "layer_norm_epsilon", "must be positive")
+        _require(
+            not (self.attention_impl == "dot_product" and self.attention_dropout_rate > 0),
+            "attention_dropout_rate",
+            "jax.nn.dot_product_attention has no dropout; use attention_impl='einsum' or set 0",
+        )
+        _require(self.param_dtype != "float16", "param_dtype", "float16 parameters are unsupported")
+
+    @property
+    def head_dim(self) -> int:
+        """d_k = d_v = d_model / num_heads."""
+        return self.d_model // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """The number of key/value heads actually used."""
+        return self.num_kv_heads or self.num_heads
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """The paper's Table 3 models ('base', 'big') or a CPU-sized 'tiny', with overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"preset: unknown name {name!r}; choose one of {sorted(PRESETS)}")
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"preset: unknown field(s) {sorted(unknown)} for ModelConfig")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form, as stored in a workdir."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> ModelConfig:
+        """Build from a dict, naming unknown fields and where they came from."""
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown ModelConfig field(s) {sorted(unknown)}; "
+                "was it written by a newer transformer-jax?"
+            )
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        """Write as JSON (the workdir's model_config.json)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        """Read a JSON file written by save()."""
+        try:
+            values = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); the model config is corrupt") from e
+        return cls.from_dict(values, source=str(path))
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Table 3, "base": N=6, d_model=512, d_ff=2048, h=8, P_drop=0.1.
+    "base": {},
+    # Table 3, "big": N=6, d_model=1024, d_ff=4096, h=16, P_drop=0.3 (EN-DE).
+    "big": {"d_model": 1024, "d_ff": 4096, "num_heads": 16, "dropout_rate": 0.3},
+    # A CPU-sized model for the built-in corpus and tests.
+    "tiny": {
+        "vocab_size": 1024,
+        "d_model": 128,
+        "num_heads": 4,
+        "d_ff": 512,
+        "num_encoder_layers": 2,
+        "num_decoder_layers": 2,
+        "dropout_rate": 0.1,
+        "max_len": 256,
+    },
+}
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"ModelConfig.{field}: {message}")
+
+
+def _check_literals(config: ModelConfig) -> None:
+    hints = get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        allowed = get_args(hints[f.name])
+        value = getattr(config, f.name)
+        if allowed and all(isinstance(a, str) for a in allowed) and value not in allowed:
+            raise ValueError(f"ModelConfig.{f.name}: {value!r} is not one of {list(allowed)}")
+        if hints[f.name] is int and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ValueError(f"ModelConfig.{f.name}: expected an integer, got {value!r}")

@@ -1,0 +1,172 @@
+"""Embeddings, positional encodings, normalization and the position-wise feed-forward network.
+
+Shape letters used across the model (one glossary): B batch, S source length, T target length,
+L either length, D d_model, H query heads, G key/value heads, R = H / G query heads per group,
+K head dim (d_k = d_v), F d_ff, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transformer_jax.config import ModelConfig
+
+Array = jax.Array
+
+# Logical names of activation axes; mesh names for them live only in training/sharding.py.
+ACT_BLD = ("activation_batch", "activation_length", "activation_embed")
+ACT_BLF = ("activation_batch", "activation_length", "activation_mlp")
+
+
+def dtype_of(name: str) -> Any:
+    """The jnp dtype for a config dtype name."""
+    return jnp.dtype(name)
+
+
+def sinusoidal_encoding(positions_BxL: Array, d_model: int) -> Array:
+    """The paper's PE(pos, 2i) = sin(pos / 10000^(2i/D)), PE(pos, 2i+1) = cos(...), float32.
+
+    Computed from explicit position ids (not a table slice) so packed rows restart at 0.
+    """
+    half = d_model // 2
+    inv_freq_I = np.exp(-np.log(10000.0) * np.arange(half, dtype=np.float32) * 2.0 / d_model)
+    angles_BxLxI = positions_BxL.astype(jnp.float32)[..., None] * inv_freq_I
+    # Interleave sin/cos on even/odd channels exactly as section 3.5 writes it.
+    pe_BxLxIx2 = jnp.stack([jnp.sin(angles_BxLxI), jnp.cos(angles_BxLxI)], axis=-1)
+    pe_BxLxD = pe_BxLxIx2.reshape(*angles_BxLxI.shape[:-1], 2 * half)
+    if d_model % 2:
+        pe_BxLxD = jnp.pad(pe_BxLxD, [(0, 0)] * (pe_BxLxD.ndim - 1) + [(0, 1)])
+    return pe_BxLxD
+
+
+class Embed(nn.Module):
+    """A token embedding that can also project back to vocabulary logits (weight tying)."""
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        # Std D^-0.5 so that the sqrt(D)-scaled input (section 3.4) has unit variance.
+        init = nn.initializers.normal(stddev=cfg.d_model**-0.5)
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(init, ("vocab", "embed")),
+            (cfg.vocab_size, cfg.d_model),
+            dtype_of(cfg.param_dtype),
+        )
+
+    def __call__(self, ids_BxL: Array) -> Array:
+        """Look up ids and multiply by sqrt(d_model) (section 3.4), in the compute dtype."""
+        cfg = self.config
+        table_VxD = jnp.asarray(self.embedding, dtype_of(cfg.dtype))
+        x_BxLxD = jnp.take(table_VxD, ids_BxL, axis=0)
+        return x_BxLxD * jnp.asarray(np.sqrt(cfg.d_model), x_BxLxD.dtype)
+
+    def attend(self, y_BxTxD: Array) -> Array:
+        """Pre-softmax projection with the shared matrix; float32 logits."""
+        table_VxD = jnp.asarray(self.embedding, dtype_of(self.config.dtype))
+        return jnp.einsum(
+            "BTD,VD->BTV", y_BxTxD, table_VxD, preferred_element_type=jnp.float32
+        ).astype(jnp.float32)
+
+
+class PositionEmbedding(nn.Module):
+    """Adds position information to token embeddings: sinusoidal (paper) or learned (Table 3 E)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array, positions_BxL: Array) -> Array:
+        """x + PE(positions)."""
+        cfg = self.config
+        if cfg.position_encoding == "sinusoidal":
+            pe_BxLxD = sinusoidal_encoding(positions_BxL, cfg.d_model)
+        else:
+            table_LxD = self.param(
+                "position_embedding",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+                (cfg.max_len, cfg.d_model),
+                dtype_of(cfg.param_dtype),
+            )
+            pe_BxLxD = jnp.take(jnp.asarray(table_LxD), positions_BxL, axis=0)
+        return x_BxLxD + pe_BxLxD.astype(x_BxLxD.dtype)
+
+
+class Norm(nn.Module):
+    """LayerNorm (paper) or RMSNorm, with float32 statistics."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array) -> Array:
+        """Normalize over the model dimension."""
+        cfg = self.config
+        common: dict[str, Any] = {
+            "epsilon": cfg.layer_norm_epsilon,
+            "dtype": dtype_of(cfg.dtype),
+            "param_dtype": dtype_of(cfg.param_dtype),
+            "scale_init": nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        }
+        if cfg.norm_type == "rmsnorm":
+            return nn.RMSNorm(name="rms_norm", **common)(x_BxLxD)
+        return nn.LayerNorm(
+            name="layer_norm",
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            **common,
+        )(x_BxLxD)
+
+
+def dense_init() -> nn.initializers.Initializer:
+    """Glorot-uniform, as tensor2tensor initializes every projection."""
+    return nn.initializers.xavier_uniform()
+
+
+class FeedForward(nn.Module):
+    """FFN(x) = max(0, x W1 + b1) W2 + b2 (section 3.3); GELU and SwiGLU as switches."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array, *, deterministic: bool) -> Array:
+        """Apply the two projections with the activation between them."""
+        cfg = self.config
+        common: dict[str, Any] = {
+            "use_bias": cfg.use_bias,
+            "dtype": dtype_of(cfg.dtype),
+            "param_dtype": dtype_of(cfg.param_dtype),
+        }
+        up = nn.Dense(
+            cfg.d_ff,
+            kernel_init=nn.with_logical_partitioning(dense_init(), ("embed", "mlp")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+            name="wi",
+            **common,
+        )
+        h_BxLxF = up(x_BxLxD)
+        if cfg.feed_forward == "relu":
+            h_BxLxF = nn.relu(h_BxLxF)
+        elif cfg.feed_forward == "gelu":
+            h_BxLxF = nn.gelu(h_BxLxF)
+        else:
+            gate = nn.Dense(
+                cfg.d_ff,
+                kernel_init=nn.with_logical_partitioning(dense_init(), ("embed", "mlp")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+                name="wi_gate",
+                **common,
+            )
+            h_BxLxF = nn.silu(gate(x_BxLxD)) * h_BxLxF
+        h_BxLxF = nn.with_logical_constraint(h_BxLxF, ACT_BLF)
+        h_BxLxF = nn.Dropout(cfg.relu_dropout_rate)(h_BxLxF, deterministic=deterministic)
+        return nn.Dense(
+            cfg.d_model,
+            kernel_init=nn.with_logical_partitioning(dense_init(), ("mlp", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name="wo",
+            **common,
+        )(h_BxLxF)

@@ -1,0 +1,346 @@
+"""The encoder-decoder Transformer (section 3.1, Figure 1) as pure flax.linen modules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from transformer_jax.config import BOS_ID, PAD_ID, ModelConfig
+from transformer_jax.model.attention import MultiHeadAttention, make_attention_mask
+from transformer_jax.model.layers import (
+    ACT_BLD,
+    Embed,
+    FeedForward,
+    Norm,
+    PositionEmbedding,
+    dtype_of,
+)
+
+Array = jax.Array
+
+
+class ResidualBlock(nn.Module):
+    """Post-LN: Norm(x + Dropout(f(x))) as in section 3.1; pre-LN: x + Dropout(f(Norm(x)))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self, x_BxLxD: Array, sublayer: Callable[[Array], Array], *, deterministic: bool
+    ) -> Array:
+        """Wrap one sublayer with dropout, the residual connection and normalization."""
+        cfg = self.config
+        dropout = nn.Dropout(cfg.dropout_rate)
+        if cfg.norm_position == "pre":
+            y_BxLxD = sublayer(Norm(cfg, name="norm")(x_BxLxD))
+            out_BxLxD = x_BxLxD + dropout(y_BxLxD, deterministic=deterministic)
+        else:
+            y_BxLxD = sublayer(x_BxLxD)
+            out_BxLxD = Norm(cfg, name="norm")(
+                x_BxLxD + dropout(y_BxLxD, deterministic=deterministic)
+            )
+        return nn.with_logical_constraint(out_BxLxD, ACT_BLD)
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention then the feed-forward network, each in a residual block."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxSxD: Array, mask_Bx1xSxS: Array, *, deterministic: bool) -> Array:
+        """One of the N encoder layers."""
+        cfg = self.config
+        attention = MultiHeadAttention(cfg, name="self_attention")
+        ffn = FeedForward(cfg, name="ffn")
+        x_BxSxD = ResidualBlock(cfg, name="attention_block")(
+            x_BxSxD,
+            lambda h: attention(h, h, mask_Bx1xSxS, deterministic=deterministic),
+            deterministic=deterministic,
+        )
+        return ResidualBlock(cfg, name="ffn_block")(
+            x_BxSxD, lambda h: ffn(h, deterministic=deterministic), deterministic=deterministic
+        )
+
+
+class DecoderLayer(nn.Module):
+    """Masked self-attention, encoder-decoder attention, then the FFN (section 3.1)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        y_BxTxD: Array,
+        encoded_BxSxD: Array,
+        self_mask_Bx1xTxT: Array | None,
+        cross_mask_Bx1xTxS: Array,
+        *,
+        deterministic: bool,
+        decode: bool,
+    ) -> Array:
+        """One of the N decoder layers."""
+        cfg = self.config
+        self_attention = MultiHeadAttention(cfg, name="self_attention")
+        cross_attention = MultiHeadAttention(cfg, is_cross_attention=True, name="cross_attention")
+        ffn = FeedForward(cfg, name="ffn")
+        y_BxTxD = ResidualBlock(cfg, name="self_attention_block")(
+            y_BxTxD,
+            lambda h: self_attention(
+                h, h, self_mask_Bx1xTxT, deterministic=deterministic, decode=decode
+            ),
+            deterministic=deterministic,
+        )
+        y_BxTxD = ResidualBlock(cfg, name="cross_attention_block")(
+            y_BxTxD,
+            lambda h: cross_attention(
+                h, encoded_BxSxD, cross_mask_Bx1xTxS, deterministic=deterministic, decode=decode
+            ),
+            deterministic=deterministic,
+        )
+        return ResidualBlock(cfg, name="ffn_block")(
+            y_BxTxD, lambda h: ffn(h, deterministic=deterministic), deterministic=deterministic
+        )
+
+
+def default_positions(ids_BxL: Array) -> Array:
+    """0, 1, 2, ... along each row (unpacked input)."""
+    return jnp.broadcast_to(jnp.arange(ids_BxL.shape[1], dtype=jnp.int32), ids_BxL.shape)
+
+
+def shift_right(targets_BxT: Array, positions_BxT: Array) -> Array:
+    """Decoder input: targets moved one step right, BOS wherever a segment starts (position 0).
+
+    Restarting at every position 0 keeps packed rows from feeding one example's last token to
+    the next example's first step.
+    """
+    shifted_BxT = jnp.pad(targets_BxT, ((0, 0), (1, 0)), constant_values=BOS_ID)[:, :-1]
+    return jnp.where(positions_BxT == 0, BOS_ID, shifted_BxT)
+
+
+class Encoder(nn.Module):
+    """Embedding, positions, dropout, then N encoder layers."""
+
+    config: ModelConfig
+    embedding: Embed
+
+    @nn.compact
+    def __call__(
+        self,
+        src_ids_BxS: Array,
+        src_segment_ids_BxS: Array | None = None,
+        src_positions_BxS: Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> Array:
+        """Encode source ids into [B, S, D] (compute dtype)."""
+        cfg = self.config
+        if src_positions_BxS is None:
+            src_positions_BxS = default_positions(src_ids_BxS)
+        valid_BxS = src_ids_BxS != PAD_ID
+        mask_Bx1xSxS = make_attention_mask(
+            valid_BxS, valid_BxS, src_segment_ids_BxS, src_segment_ids_BxS
+        )
+        x_BxSxD = PositionEmbedding(cfg, name="position_embedding")(
+            self.embedding(src_ids_BxS), src_positions_BxS
+        )
+        x_BxSxD = nn.Dropout(cfg.dropout_rate)(x_BxSxD, deterministic=deterministic)
+        x_BxSxD = nn.with_logical_constraint(x_BxSxD, ACT_BLD)
+        for i in range(cfg.num_encoder_layers):
+            x_BxSxD = EncoderLayer(cfg, name=f"layer_{i}")(
+                x_BxSxD, mask_Bx1xSxS, deterministic=deterministic
+            )
+        if cfg.norm_position == "pre":
+            x_BxSxD = Norm(cfg, name="final_norm")(x_BxSxD)
+        return x_BxSxD
+
+
+class Decoder(nn.Module):
+    """Target embedding, positions, N decoder layers, and the pre-softmax projection."""
+
+    config: ModelConfig
+    embedding: Embed
+    output_embedding: Embed | None
+
+    @nn.compact
+    def __call__(
+        self,
+        encoded_BxSxD: Array,
+        src_ids_BxS: Array,
+        tgt_ids_BxT: Array,
+        src_segment_ids_BxS: Array | None = None,
+        tgt_segment_ids_BxT: Array | None = None,
+        tgt_positions_BxT: Array | None = None,
+        *,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> Array:
+        """Float32 logits [B, T, V] for every target position."""
+        cfg = self.config
+        src_valid_BxS = src_ids_BxS != PAD_ID
+        stepping = decode and self.has_variable("cache", "position")
+        if stepping:
+            # One step per call: tgt_ids holds the previous output token, no shift needed.
+            position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+            tgt_positions_BxT = jnp.full(tgt_ids_BxT.shape, position.value, jnp.int32)
+            position.value = position.value + 1
+            decoder_input_BxT = tgt_ids_BxT
+            self_mask = None
+            cross_mask_Bx1xTxS = make_attention_mask(
+                jnp.ones(tgt_ids_BxT.shape, bool), src_valid_BxS
+            )
+        else:
+            if decode:
+                self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+            if tgt_positions_BxT is None:
+                tgt_positions_BxT = default_positions(tgt_ids_BxT)
+            decoder_input_BxT = shift_right(tgt_ids_BxT, tgt_positions_BxT)
+            # Validity follows the targets: position t predicts target t from targets < t.
+            tgt_valid_BxT = tgt_ids_BxT != PAD_ID
+            self_mask = make_attention_mask(
+                tgt_valid_BxT,
+                tgt_valid_BxT,
+                tgt_segment_ids_BxT,
+                tgt_segment_ids_BxT,
+                causal=True,
+            )
+            cross_mask_Bx1xTxS = make_attention_mask(
+                tgt_valid_BxT, src_valid_BxS, tgt_segment_ids_BxT, src_segment_ids_BxS
+            )
+        y_BxTxD = PositionEmbedding(cfg, name="position_embedding")(
+            self.embedding(decoder_input_BxT), tgt_positions_BxT
+        )
+        y_BxTxD = nn.Dropout(cfg.dropout_rate)(y_BxTxD, deterministic=deterministic)
+        y_BxTxD = nn.with_logical_constraint(y_BxTxD, ACT_BLD)
+        for i in range(cfg.num_decoder_layers):
+            y_BxTxD = DecoderLayer(cfg, name=f"layer_{i}")(
+                y_BxTxD,
+                encoded_BxSxD,
+                self_mask,
+                cross_mask_Bx1xTxS,
+                deterministic=deterministic,
+                decode=decode,
+            )
+        if cfg.norm_position == "pre":
+            y_BxTxD = Norm(cfg, name="final_norm")(y_BxTxD)
+        if self.output_embedding is not None:
+            return self.output_embedding.attend(y_BxTxD)
+        return nn.Dense(
+            cfg.vocab_size,
+            use_bias=False,
+            dtype=dtype_of(cfg.dtype),
+            param_dtype=dtype_of(cfg.param_dtype),
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.normal(cfg.d_model**-0.5), ("embed", "vocab")
+            ),
+            name="logits",
+        )(y_BxTxD).astype(jnp.float32)
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder Transformer: apply(variables, src_ids, tgt_ids) -> float32 logits.
+
+    tgt_ids are the targets (ending in EOS); they are shifted right inside, BOS first. For
+    packed rows pass segment ids (1, 2, ...; 0 for padding) and positions restarting at 0.
+    """
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.embedding = Embed(cfg)
+        # "all": one matrix for source, target and pre-softmax (section 3.4).
+        tgt_embedding = self.embedding
+        if cfg.embedding_sharing != "all":
+            self.target_embedding = Embed(cfg)
+            tgt_embedding = self.target_embedding
+        output_embedding = None if cfg.embedding_sharing == "none" else tgt_embedding
+        self.encoder = Encoder(cfg, embedding=self.embedding)
+        self.decoder = Decoder(cfg, embedding=tgt_embedding, output_embedding=output_embedding)
+
+    def __call__(
+        self,
+        src_ids_BxS: Array,
+        tgt_ids_BxT: Array,
+        src_segment_ids_BxS: Array | None = None,
+        tgt_segment_ids_BxT: Array | None = None,
+        src_positions_BxS: Array | None = None,
+        tgt_positions_BxT: Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> Array:
+        """Teacher-forced logits [B, T, V] in float32."""
+        encoded_BxSxD = self.encode(
+            src_ids_BxS, src_segment_ids_BxS, src_positions_BxS, deterministic=deterministic
+        )
+        return self.decode(
+            encoded_BxSxD,
+            src_ids_BxS,
+            tgt_ids_BxT,
+            src_segment_ids_BxS,
+            tgt_segment_ids_BxT,
+            tgt_positions_BxT,
+            deterministic=deterministic,
+        )
+
+    def encode(
+        self,
+        src_ids_BxS: Array,
+        src_segment_ids_BxS: Array | None = None,
+        src_positions_BxS: Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> Array:
+        """Run the encoder once: [B, S] ids -> [B, S, D]."""
+        return self.encoder(
+            src_ids_BxS, src_segment_ids_BxS, src_positions_BxS, deterministic=deterministic
+        )
+
+    def decode(
+        self,
+        encoded_BxSxD: Array,
+        src_ids_BxS: Array,
+        tgt_ids_BxT: Array,
+        src_segment_ids_BxS: Array | None = None,
+        tgt_segment_ids_BxT: Array | None = None,
+        tgt_positions_BxT: Array | None = None,
+        *,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> Array:
+        """Logits from encoder output; decode=True uses and updates the 'cache' collection.
+
+        Incremental decoding: first call with decode=True, mutable=["cache"] and a target of the
+        maximum output length (any ids) to size the cache and project the encoder output once;
+        then call once per step with tgt_ids [B, 1] = the previous token (BOS first).
+        """
+        return self.decoder(
+            encoded_BxSxD,
+            src_ids_BxS,
+            tgt_ids_BxT,
+            src_segment_ids_BxS,
+            tgt_segment_ids_BxT,
+            tgt_positions_BxT,
+            deterministic=deterministic,
+            decode=decode,
+        )
+
+
+def init_cache(
+    model: Transformer, params: dict, encoded_BxSxD: Array, src_ids_BxS: Array, max_length: int
+) -> dict:
+    """Create the decoding cache for a batch: self-attention slots and projected encoder output."""
+    dummy_BxT = jnp.zeros((src_ids_BxS.shape[0], max_length), jnp.int32)
+    _, variables = model.apply(
+        {"params": params},
+        encoded_BxSxD,
+        src_ids_BxS,
+        dummy_BxT,
+        decode=True,
+        mutable=["cache"],
+        method=Transformer.decode,
+    )
+    return variables["cache"]
