@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer_jax.config import ModelConfig
-from transformer_jax.model.layers import dense_init, dtype_of
+from transformer_jax.model.layers import dtype_of
 
 Array = jax.Array
 
@@ -80,6 +80,70 @@ def fused_attention(
     )
 
 
+class HeadProjection(nn.Module):
+    """x W + b into heads: [B, L, D] -> [B, L, heads, K] (one of W^Q, W^K, W^V, all heads)."""
+
+    config: ModelConfig
+    heads: int
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array) -> Array:
+        """Project and split into heads."""
+        cfg = self.config
+        # 3-D kernel with fan-in D and fan-out heads*K: the same Glorot range as one D x D matrix.
+        init = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
+        kernel_DxNxK = self.param(
+            "kernel",
+            nn.with_logical_partitioning(init, ("embed", "heads", "kv")),
+            (cfg.d_model, self.heads, cfg.head_dim),
+            dtype_of(cfg.param_dtype),
+        )
+        dtype = dtype_of(cfg.dtype)
+        y_BxLxNxK = jnp.einsum(
+            "BLD,DNK->BLNK", x_BxLxD.astype(dtype), jnp.asarray(kernel_DxNxK, dtype)
+        )
+        if cfg.use_bias:
+            bias_NxK = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
+                (self.heads, cfg.head_dim),
+                dtype_of(cfg.param_dtype),
+            )
+            y_BxLxNxK = y_BxLxNxK + jnp.asarray(bias_NxK, dtype)
+        return y_BxLxNxK
+
+
+class OutputProjection(nn.Module):
+    """Concat(head_1..head_h) W^O + b: [B, T, H, K] -> [B, T, D]."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxHxK: Array) -> Array:
+        """Merge heads back into the model dimension."""
+        cfg = self.config
+        init = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
+        kernel_HxKxD = self.param(
+            "kernel",
+            nn.with_logical_partitioning(init, ("heads", "kv", "embed")),
+            (cfg.num_heads, cfg.head_dim, cfg.d_model),
+            dtype_of(cfg.param_dtype),
+        )
+        dtype = dtype_of(cfg.dtype)
+        y_BxTxD = jnp.einsum(
+            "BTHK,HKD->BTD", x_BxTxHxK.astype(dtype), jnp.asarray(kernel_HxKxD, dtype)
+        )
+        if cfg.use_bias:
+            bias_D = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                (cfg.d_model,),
+                dtype_of(cfg.param_dtype),
+            )
+            y_BxTxD = y_BxTxD + jnp.asarray(bias_D, dtype)
+        return y_BxTxD
+
+
 class MultiHeadAttention(nn.Module):
     """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O with per-head projections (section 3.2.2).
 
@@ -102,21 +166,10 @@ class MultiHeadAttention(nn.Module):
     ) -> Array:
         """Attend from x to memory (memory is x itself for self-attention)."""
         cfg = self.config
-        H, G, K, D = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.d_model
-        common: dict[str, Any] = {
-            "use_bias": cfg.use_bias,
-            "dtype": dtype_of(cfg.dtype),
-            "param_dtype": dtype_of(cfg.param_dtype),
-        }
+        H, G = cfg.num_heads, cfg.kv_heads
 
-        def projection(heads: int, name: str) -> nn.DenseGeneral:
-            return nn.DenseGeneral(
-                features=(heads, K),
-                kernel_init=nn.with_logical_partitioning(dense_init(), ("embed", "heads", "kv")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
-                name=name,
-                **common,
-            )
+        def projection(heads: int, name: str) -> HeadProjection:
+            return HeadProjection(cfg, heads=heads, name=name)
 
         query_BxTxHxK = nn.with_logical_constraint(projection(H, "query")(x_BxTxD), ACT_BLHK)
 
@@ -151,17 +204,10 @@ class MultiHeadAttention(nn.Module):
             self.sow("intermediates", "attention_weights", probs_BxHxTxS)
 
         out_BxTxHxK = nn.with_logical_constraint(out_BxTxHxK, ACT_BLHK)
-        return nn.DenseGeneral(
-            features=D,
-            axis=(-2, -1),
-            kernel_init=nn.with_logical_partitioning(dense_init(), ("heads", "kv", "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            name="out",
-            **common,
-        )(out_BxTxHxK)
+        return OutputProjection(cfg, name="out")(out_BxTxHxK)
 
     def _cached_memory(
-        self, key_proj: nn.Module, value_proj: nn.Module, memory_BxSxD: Array
+        self, key_proj: HeadProjection, value_proj: HeadProjection, memory_BxSxD: Array
     ) -> tuple[Array, Array]:
         """Cross-attention keys/values: projected on the cache-creating call, then reused."""
         if self.has_variable("cache", "cross_key"):
