@@ -1,0 +1,80 @@
+"""The embedded default: tiny model, built-in EN->DE corpus, CPU, a few minutes."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Config for `python train.py` with no flags."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # Parameter init, dropout and data shuffling all derive from this.
+
+    # Becomes ModelConfig(**config.model); see docs/model.md for every switch.
+    config.model = ml_collections.ConfigDict()
+    config.model.vocab_size = 1024  # Embedding rows; >= the tokenizer's pieces.
+    config.model.d_model = 128  # Model width (paper base: 512).
+    config.model.num_heads = 4  # Attention heads (d_k = 32).
+    config.model.num_kv_heads = None  # None = one key/value head per query head (paper).
+    config.model.d_ff = 512  # FFN hidden width.
+    config.model.num_encoder_layers = 2  # Encoder depth (paper: 6).
+    config.model.num_decoder_layers = 2  # Decoder depth (paper: 6).
+    config.model.dropout_rate = 0.1  # Residual + embedding dropout (paper P_drop).
+    config.model.attention_dropout_rate = 0.0  # Not in the paper.
+    config.model.relu_dropout_rate = 0.0  # Not in the paper.
+    config.model.max_len = 128  # Largest position id.
+    config.model.embedding_sharing = "all"  # One matrix: source, target, pre-softmax.
+    config.model.norm_position = "post"  # Paper: LayerNorm(x + Sublayer(x)).
+    config.model.norm_type = "layernorm"  # Or "rmsnorm".
+    config.model.layer_norm_epsilon = 1e-6  # Norm epsilon.
+    config.model.position_encoding = "sinusoidal"  # Paper; or "learned".
+    config.model.feed_forward = "relu"  # Paper; or "gelu", "swiglu".
+    config.model.use_bias = True  # Biases on projections (paper count includes them).
+    config.model.dtype = "float32"  # Compute dtype; CPUs are slow at bfloat16.
+    config.model.param_dtype = "float32"  # Parameter dtype.
+    config.model.attention_impl = "einsum"  # Or "dot_product" (cuDNN flash on GPU).
+
+    config.data = ml_collections.ConfigDict()
+    config.data.kind = "builtin"  # "builtin" | "tfds" | "text" | "tsv" (docs/data.md).
+    config.data.options = ml_collections.ConfigDict({"seed": 0})  # Options of that source.
+    config.data.train_split = "train"  # Split names passed to the source.
+    config.data.validation_split = "validation"
+    config.data.test_split = "test"  # Decoded in full at the end; "" to skip.
+    config.data.max_source_length = 64  # Tokens per packed source row (EOS included).
+    config.data.max_target_length = 64  # Tokens per packed target row.
+    config.data.tokens_per_batch = 4096  # Target tokens per step, all hosts together.
+    config.data.eval_batch_size = 128  # Rows per evaluation/decoding batch.
+    config.data.tokenizer = ml_collections.ConfigDict()
+    config.data.tokenizer.vocab_size = 1024  # SentencePiece pieces (shared EN+DE).
+    config.data.tokenizer.model_type = "bpe"  # "bpe" (paper: BPE) | "unigram".
+    config.data.tokenizer.max_sentences = 1_000_000  # Cap on tokenizer training sentences.
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.warmup_steps = 400  # Paper: 4000 (a short run needs a short warmup).
+    config.optim.learning_rate_scale = 2.0  # Multiplies d_model^-0.5 * min(...) (paper: 1).
+    config.optim.b1 = 0.9  # Adam beta1 (paper).
+    config.optim.b2 = 0.98  # Adam beta2 (paper).
+    config.optim.eps = 1e-9  # Adam epsilon (paper).
+    config.optim.clip_norm = None  # Global-norm clipping; None = off (paper).
+    config.optim.weight_decay = 0.0  # Decoupled weight decay; 0 = Adam (paper).
+    config.optim.grad_accum_steps = 1  # Micro-batches per step (same update as one big batch).
+    config.optim.label_smoothing = 0.1  # Paper.
+
+    config.train = ml_collections.ConfigDict()
+    config.train.num_steps = 2500  # Optimizer steps.
+    config.train.log_every = 100  # Steps between metric lines.
+    config.train.eval_every = 1000  # Steps between validation loss + BLEU; 0 = end only.
+    config.train.eval_bleu_sentences = 256  # Validation sentences decoded per evaluation.
+    config.train.checkpoint_every = 500  # Steps between (async) checkpoints.
+    config.train.max_to_keep = 3  # Checkpoints kept.
+    config.train.async_checkpointing = True  # Save in the background.
+    config.train.num_samples = 5  # Test translations printed at the end.
+
+    config.decode = ml_collections.ConfigDict()
+    config.decode.extra_length = 50  # Output cap = source length + 50 (paper section 6.1).
+    config.decode.max_length = 96  # Static decode buffer length.
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.mesh.logical_axis_rules = None  # None = sharding.DEFAULT_RULES.
+    return config

@@ -1,0 +1,57 @@
+"""Shared fixtures: a small parallel corpus on disk and a CPU-sized training config."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# configs/ is imported by path, as train.py does from the repository root.
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train/validation/test .en/.de files cut from the built-in corpus (small, fast)."""
+    from transformer_jax.data.corpus import CorpusSizes, write_builtin_corpus
+
+    directory = tmp_path_factory.mktemp("corpus")
+    write_builtin_corpus(directory, seed=0, sizes=CorpusSizes(train=800, validation=32, test=32))
+    return directory
+
+
+def tiny_train_config(corpus: Path) -> ml_collections.ConfigDict:
+    """configs/default.py shrunk to seconds: text-file source, a 2-layer 32-wide model."""
+    from configs import default
+
+    config = default.get_config()
+    config.data.kind = "text"
+    config.data.options = ml_collections.ConfigDict(
+        {"source_path": str(corpus / "{split}.en"), "target_path": str(corpus / "{split}.de")}
+    )
+    config.model.vocab_size = 256
+    config.model.d_model = 32
+    config.model.num_heads = 2
+    config.model.d_ff = 64
+    config.model.num_encoder_layers = 1
+    config.model.num_decoder_layers = 1
+    config.model.max_len = 64
+    config.data.tokenizer.vocab_size = 256
+    config.data.max_source_length = 48
+    config.data.max_target_length = 48
+    config.data.tokens_per_batch = 256
+    config.data.eval_batch_size = 16
+    config.optim.warmup_steps = 10
+    config.train.num_steps = 6
+    config.train.log_every = 2
+    config.train.eval_every = 0
+    config.train.eval_bleu_sentences = 16
+    config.train.checkpoint_every = 2
+    config.train.async_checkpointing = False
+    config.decode.max_length = 24
+    return config

@@ -1,0 +1,406 @@
+"""Training: schedule, loss, accumulation, sharded step, resume, SIGTERM, configs, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import ROOT, tiny_train_config
+
+from transformer_jax.config import PAD_ID, ModelConfig
+from transformer_jax.model import Transformer
+from transformer_jax.training import loss, optim, step
+from transformer_jax.training.loop import train_and_evaluate, validate_config
+
+SMALL = ModelConfig.preset(
+    "tiny",
+    vocab_size=40,
+    d_model=16,
+    num_heads=2,
+    d_ff=32,
+    num_encoder_layers=1,
+    num_decoder_layers=1,
+    dropout_rate=0.0,
+    max_len=32,
+)
+
+
+def test_paper_schedule_values() -> None:
+    schedule = optim.paper_schedule(d_model=512, warmup_steps=4000)
+    # Update i runs as paper step i + 1.
+    peak = float(schedule(3999))
+    assert peak == pytest.approx(512**-0.5 * 4000**-0.5, rel=1e-6)
+    assert peak == pytest.approx(6.988e-4, abs=1e-6)
+    assert float(schedule(0)) == pytest.approx(512**-0.5 * 1 * 4000**-1.5, rel=1e-6)
+    assert float(schedule(1999)) == pytest.approx(512**-0.5 * 2000 * 4000**-1.5, rel=1e-6)
+    assert float(schedule(15999)) == pytest.approx(512**-0.5 * 16000**-0.5, rel=1e-6)
+    assert float(schedule(15999)) == pytest.approx(peak / 2, rel=1e-6)
+    scaled = optim.paper_schedule(d_model=512, warmup_steps=4000, scale=2.0)
+    assert float(scaled(3999)) == pytest.approx(2 * peak, rel=1e-6)
+
+
+def test_label_smoothed_loss_matches_formula() -> None:
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 3, 7)), jnp.float32)
+    targets = jnp.array([[4, 5, PAD_ID], [6, 1, 2]])
+    sums = loss.loss_sums(logits, targets, label_smoothing=0.1)
+    log_p = np.asarray(jax.nn.log_softmax(logits))
+    real = np.asarray(targets) != PAD_ID
+    nll = -np.take_along_axis(log_p, np.asarray(targets)[..., None], -1)[..., 0]
+    smoothed = 0.9 * nll - 0.1 * log_p.mean(-1)
+    assert float(sums["num_tokens"]) == 5
+    np.testing.assert_allclose(sums["nll_sum"], nll[real].sum(), rtol=1e-5)
+    np.testing.assert_allclose(sums["loss_sum"], smoothed[real].sum(), rtol=1e-5)
+    summary = loss.summarize(sums)
+    np.testing.assert_allclose(summary["perplexity"], np.exp(nll[real].mean()), rtol=1e-5)
+
+
+def _examples(rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+    lengths = [(5, 4), (3, 6), (6, 5), (4, 3)]
+    return [
+        (rng.integers(4, 40, s).astype(np.int32), rng.integers(4, 40, t).astype(np.int32))
+        for s, t in lengths
+    ]
+
+
+def _pad(rows: list[np.ndarray], length: int) -> np.ndarray:
+    return np.stack([np.pad(r, (0, length - len(r))) for r in rows]).astype(np.int32)
+
+
+def _packed(examples: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Pack examples two per row, with segment ids and restarting positions."""
+    batch: dict[str, list[np.ndarray]] = {
+        k: []
+        for k in (
+            "inputs",
+            "targets",
+            "inputs_segmentation",
+            "targets_segmentation",
+            "inputs_position",
+            "targets_position",
+        )
+    }
+    for pair in (examples[:2], examples[2:]):
+        for side, key in ((0, "inputs"), (1, "targets")):
+            seqs = [p[side] for p in pair]
+            batch[key].append(np.concatenate(seqs))
+            batch[f"{key}_segmentation"].append(
+                np.concatenate([np.full(len(s), i + 1) for i, s in enumerate(seqs)])
+            )
+            batch[f"{key}_position"].append(np.concatenate([np.arange(len(s)) for s in seqs]))
+    return {k: _pad(v, 12) for k, v in batch.items()}
+
+
+def test_packed_loss_equals_unpacked_loss() -> None:
+    rng = np.random.default_rng(1)
+    examples = _examples(rng)
+    model = Transformer(SMALL)
+    params = nn.unbox(
+        model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))[
+            "params"
+        ]
+    )
+    eval_step = step.make_eval_step(model, label_smoothing=0.1)
+    unpacked = {
+        "inputs": _pad([e[0] for e in examples], 8),
+        "targets": _pad([e[1] for e in examples], 8),
+    }
+    a = eval_step(params, unpacked)
+    b = eval_step(params, _packed(examples))
+    assert float(a["num_tokens"]) == float(b["num_tokens"]) == 18
+    np.testing.assert_allclose(a["loss_sum"], b["loss_sum"], rtol=1e-5)
+    np.testing.assert_allclose(a["nll_sum"], b["nll_sum"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_gradient_accumulation_equals_one_large_batch(k: int) -> None:
+    rng = np.random.default_rng(2)
+    model = Transformer(SMALL)
+    # SGD: the update is linear in the gradient, so equal updates mean equal gradients. (Adam's
+    # first step is lr * sign(g), which turns rounding noise in near-zero gradients into +-lr.)
+    schedule = optim.paper_schedule(d_model=16, warmup_steps=5)
+    optimizer = optax.sgd(schedule)
+    state = nn.unbox(step.init_state(model, optimizer, jax.random.key(0), (1, 4), (1, 4)))
+    # Uneven token counts per row, so per-micro-batch means would differ from the true mean.
+    inputs = rng.integers(4, 40, (8, 6)).astype(np.int32)
+    targets = rng.integers(4, 40, (8, 5)).astype(np.int32)
+    for row in range(8):
+        targets[row, rng.integers(1, 5) :] = PAD_ID
+    batch = {"inputs": inputs, "targets": targets}
+    big = step.make_train_step(model, optimizer, schedule, label_smoothing=0.1)
+    accumulated = step.make_train_step(
+        model, optimizer, schedule, label_smoothing=0.1, grad_accum_steps=k
+    )
+    state_a, metrics_a = jax.jit(big)(state, batch, jax.random.key(1))
+    state_b, metrics_b = jax.jit(accumulated)(state, batch, jax.random.key(1))
+    np.testing.assert_allclose(metrics_a["loss_sum"], metrics_b["loss_sum"], rtol=1e-5)
+    np.testing.assert_allclose(metrics_a["grad_norm"], metrics_b["grad_norm"], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-7)
+
+
+MESH_SCRIPT = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np, optax, flax.linen as nn
+    from transformer_jax.config import ModelConfig
+    from transformer_jax.model import Transformer
+    from transformer_jax.training import optim, sharding, step
+
+    assert jax.device_count() == 4, jax.devices()
+    cfg = ModelConfig.preset("tiny", vocab_size=64, d_model=32, num_heads=4, d_ff=64,
+                             dropout_rate=0.1)
+    model = Transformer(cfg)
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(4, 64, (8, 8)).astype(np.int32),
+             "targets": rng.integers(4, 64, (8, 8)).astype(np.int32)}
+    adam, schedule = optim.make_optimizer(d_model=32, warmup_steps=10)
+    # SGD makes the update linear in the gradient, so parameters must agree to rounding.
+    # Adam's first step is lr * sign(g): the key biases' gradient is exactly zero in theory
+    # (softmax ignores a per-query shift), so rounding noise there becomes +-lr; the losses,
+    # which those biases cannot move, are compared instead.
+    for opt_name, opt in (("sgd", optax.sgd(schedule)), ("adam", adam)):
+        results = {}
+        meshes = [
+            ("single", {"data": 1}, jax.devices()[:1]),
+            ("fsdp2_tensor2", {"data": 1, "fsdp": 2, "tensor": 2}, None),
+        ]
+        if opt_name == "sgd":
+            meshes += [("data4", {"data": -1}, None), ("fsdp4", {"data": 1, "fsdp": -1}, None)]
+        for name, shape, devices in meshes:
+            mesh = sharding.make_mesh(shape, devices)
+            rules = sharding.DEFAULT_RULES
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                state, shardings = sharding.sharded_init(
+                    lambda: step.init_state(model, opt, jax.random.key(0), (1, 8), (1, 8)),
+                    mesh, rules)
+                data = sharding.batch_sharding(mesh)
+                f = jax.jit(step.make_train_step(model, opt, schedule, label_smoothing=0.1),
+                            in_shardings=(shardings, data, sharding.replicated(mesh)),
+                            out_shardings=(shardings, sharding.replicated(mesh)),
+                            donate_argnums=0)
+                losses = []
+                for _ in range(2):
+                    g = {k: jax.make_array_from_process_local_data(data, v)
+                         for k, v in batch.items()}
+                    state, metrics = f(state, g, jax.random.key(1))
+                    losses.append(float(metrics["loss_sum"]))
+            results[name] = (jax.device_get(state.params), losses,
+                             sharding.bytes_per_device(state.params))
+        ref_params, ref_losses, ref_bytes = results["single"]
+        for name, (params, losses, per_device) in results.items():
+            np.testing.assert_allclose(losses, ref_losses, rtol=1e-4, err_msg=name)
+            if opt_name == "sgd":
+                for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+                    np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
+        # Model-sharded params really split: each device holds well under the whole.
+        total = sum(ref_bytes.values())
+        for name in ("fsdp2_tensor2", "fsdp4")[: len(results) - 1]:
+            split = results[name][2]
+            assert len(split) == 4 and max(split.values()) < 0.4 * total, (name, split, total)
+        print("MESH-OK", opt_name, {k: v[1][-1] for k, v in results.items()})
+    """
+)
+
+
+def run_with_devices(script: str, devices: int, timeout: int = 300) -> str:
+    """Run a script in a fresh interpreter that sees `devices` fake CPU devices."""
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_four_device_mesh_step_equals_single_device_step() -> None:
+    out = run_with_devices(MESH_SCRIPT, devices=4)
+    assert "MESH-OK" in out
+
+
+def _params(workdir: Path, step_number: int) -> list[np.ndarray]:
+    from transformer_jax.training.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(workdir, save_every=0, max_to_keep=5, async_save=False)
+    try:
+        state = ckpt.restore_params(step_number)
+    finally:
+        ckpt.close()
+    return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+
+
+@pytest.mark.slow
+def test_resume_reaches_exactly_the_uninterrupted_parameters(
+    small_corpus: Path, tmp_path: Path
+) -> None:
+    config = tiny_train_config(small_corpus)
+    config.data.test_split = ""
+    straight = train_and_evaluate(config, tmp_path / "straight")
+    assert straight.stopped_by == "finished" and straight.step == 6
+
+    interrupted = train_and_evaluate(config, tmp_path / "resumed", stop_after=3)
+    assert interrupted.stopped_by == "stopped" and interrupted.step == 3
+    resumed = train_and_evaluate(config, tmp_path / "resumed")
+    assert resumed.step == 6
+    for a, b in zip(
+        _params(tmp_path / "straight", 6), _params(tmp_path / "resumed", 6), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert np.isfinite(straight.final_metrics["validation_loss"])
+
+
+@pytest.mark.slow
+def test_default_style_run_evaluates_and_writes_results(small_corpus: Path, tmp_path: Path) -> None:
+    config = tiny_train_config(small_corpus)
+    result = train_and_evaluate(config, tmp_path / "run")
+    workdir = tmp_path / "run"
+    for name in (
+        "model_config.json",
+        "tokenizer.model",
+        "config.json",
+        "results.json",
+        "test.hyp.txt",
+    ):
+        assert (workdir / name).exists(), name
+    assert len((workdir / "test.hyp.txt").read_text().splitlines()) == 32
+    assert 0.0 <= result.final_metrics["test_bleu"] <= 100.0
+    assert list((workdir / "tensorboard").iterdir())
+
+
+SIGTERM_CONFIG = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import tiny_train_config
+from pathlib import Path
+
+def get_config():
+    config = tiny_train_config(Path({corpus!r}))
+    config.train.num_steps = 100000
+    config.train.checkpoint_every = 0
+    config.train.log_every = 1
+    return config
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_zero(small_corpus: Path, tmp_path: Path) -> None:
+    config_file = tmp_path / "sigterm_config.py"
+    config_file.write_text(
+        SIGTERM_CONFIG.format(tests=str(ROOT / "tests"), corpus=str(small_corpus))
+    )
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", f"--config={config_file}", f"--workdir={workdir}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.stdout is not None
+    deadline = time.time() + 240
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "step 3:" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(seen[-30:])
+    rest, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, "".join(seen[-20:]) + rest[-3000:]
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] >= 3, steps
+    assert "preempted" in rest
+
+
+def _load_config_file(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("[!_]*.py")), ids=lambda p: p.stem)
+def test_every_config_file_loads_and_validates(path: Path) -> None:
+    config = _load_config_file(path)
+    model_config = validate_config(config)
+    assert isinstance(model_config, ModelConfig)
+    # The model section is the whole ModelConfig: no field copied by hand or forgotten.
+    assert set(config.model.keys()) == set(model_config.to_dict())
+
+
+def test_paper_configs_carry_the_papers_recipe() -> None:
+    base = _load_config_file(ROOT / "configs" / "wmt14_ende_base.py")
+    big = _load_config_file(ROOT / "configs" / "wmt14_ende_big.py")
+    assert validate_config(base) == ModelConfig.preset("base", dtype="bfloat16")
+    assert validate_config(big) == ModelConfig.preset("big", dtype="bfloat16")
+    for config in (base, big):
+        assert (config.optim.b1, config.optim.b2, config.optim.eps) == (0.9, 0.98, 1e-9)
+        assert config.optim.warmup_steps == 4000
+        assert config.optim.learning_rate_scale == 1.0
+        assert config.optim.label_smoothing == 0.1
+        assert config.data.tokens_per_batch == 25_000
+        assert config.decode.extra_length == 50
+    assert (base.train.num_steps, big.train.num_steps) == (100_000, 300_000)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("model.d_model", 33, "config.model"),
+        ("train.num_steps", 0, "config.train.num_steps"),
+        ("optim.label_smoothing", 1.5, "config.optim.label_smoothing"),
+        ("data.max_target_length", 4096, "config.data.max_target_length"),
+        ("data.tokenizer.vocab_size", 5000, "config.data.tokenizer.vocab_size"),
+    ],
+)
+def test_bad_config_values_stop_before_compilation(
+    field: str, value: object, message: str, small_corpus: Path, tmp_path: Path
+) -> None:
+    config = tiny_train_config(small_corpus)
+    section, _, name = field.rpartition(".")
+    target = config
+    for part in section.split("."):
+        target = target[part]
+    target[name] = value
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_workdir_of_another_model_is_refused(small_corpus: Path, tmp_path: Path) -> None:
+    config = tiny_train_config(small_corpus)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    ModelConfig.preset("tiny").save(workdir / "model_config.json")
+    with pytest.raises(ValueError, match="different model"):
+        train_and_evaluate(config, workdir)
+
+
+def test_missing_data_file_is_named(small_corpus: Path, tmp_path: Path) -> None:
+    config = tiny_train_config(small_corpus)
+    config.data.options.source_path = str(tmp_path / "nowhere.{split}.en")
+    with pytest.raises((ValueError, FileNotFoundError), match="nowhere"):
+        train_and_evaluate(config, tmp_path / "run")

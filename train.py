@@ -1,0 +1,37 @@
+"""Train a Transformer: `python train.py [--config=configs/X.py] [--workdir=DIR] [--config.k=v]`."""
+
+from __future__ import annotations
+
+import logging
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from transformer_jax.training.loop import new_workdir, train_and_evaluate
+
+log = logging.getLogger("transformer_jax.train")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/default.py", "Experiment config file (a get_config() module)."
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run folder (checkpoints, tokenizer, logs); resumes if it has checkpoints."
+)
+
+
+def main(argv: list[str]) -> None:
+    """Parse flags and hand over to the library."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    # Orbax and grain log every save at INFO through absl; keep their warnings, show ours.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("transformer_jax").setLevel(logging.INFO)
+    workdir = _WORKDIR.value or str(new_workdir())
+    log.info("Workdir: %s", workdir)
+    result = train_and_evaluate(_CONFIG.value, workdir)
+    log.info("Done (%s at step %d). Workdir: %s", result.stopped_by, result.step, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,119 @@
+"""Orbax checkpoints of the training state and the grain iterator, with the workdir's metadata."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from transformer_jax.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_FILE = "model_config.json"
+TOKENIZER_FILE = "tokenizer.model"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class _IteratorSnapshot:
+    """A frozen copy of an iterator's state, so an async save cannot see later batches."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._state = json.dumps(state, indent=1).encode()
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+class Checkpointer:
+    """Saves {state, data iterator} every N steps (async) and restores the latest."""
+
+    def __init__(
+        self, workdir: Path, *, save_every: int, max_to_keep: int, async_save: bool = True
+    ) -> None:
+        self.directory = (Path(workdir) / CHECKPOINT_DIR).absolute()
+        self.save_every = save_every
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+            },
+        )
+
+    def latest_step(self) -> int | None:
+        """The newest saved step, or None."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Every saved step, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def maybe_save(self, step: int, state: Any, iterator: Any, *, force: bool = False) -> bool:
+        """Save when step is a multiple of save_every (or forced); returns whether it saved."""
+        if not force and (self.save_every <= 0 or step % self.save_every):
+            return False
+        if step in self.manager.all_steps():
+            return False
+        args = {"state": ocp.args.StandardSave(state)}
+        if iterator is not None:
+            args["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator.get_state()))
+        self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+        return True
+
+    def restore(self, step: int, abstract_state: Any, iterator: Any) -> Any:
+        """Restore state into the shardings of abstract_state, and the iterator in place."""
+        args = {"state": ocp.args.StandardRestore(abstract_state)}
+        if iterator is not None:
+            args["data"] = grain.checkpoint.CheckpointRestore(iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        return restored["state"]
+
+    def restore_params(self, step: int) -> Any:
+        """Just the saved pytree (host arrays, as written), for inference and averaging."""
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+        )
+        return restored["state"]
+
+    def wait(self) -> None:
+        """Block until async saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def write_model_config(workdir: Path, config: ModelConfig) -> None:
+    """Store the model config, or check it equals the one already there."""
+    path = Path(workdir) / MODEL_CONFIG_FILE
+    if path.exists():
+        stored = ModelConfig.load(path)
+        if stored != config:
+            changed = {
+                k: (v, getattr(config, k))
+                for k, v in stored.to_dict().items()
+                if getattr(config, k) != v
+            }
+            raise ValueError(
+                f"{path}: this workdir holds a different model ({changed} as stored vs "
+                "requested). Use a new --workdir, or the config this workdir was trained with."
+            )
+        return
+    if jax.process_index() == 0:
+        tmp = path.with_suffix(".tmp")
+        config.save(tmp)
+        tmp.replace(path)

@@ -1,0 +1,94 @@
+"""Throughput accounting (FLOPs, MFU), metric writers and the console progress bar."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from transformer_jax.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak TFLOP/s per chip (vendor data sheets): Cloud TPU system architecture pages for
+# v4 / v5e / v5p / v6e; NVIDIA H100 SXM and H200 (989, without sparsity), A100 (312).
+PEAK_BF16_TFLOPS: dict[str, float] = {
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v5": 459.0,
+    "TPU v6 lite": 918.0,
+    "TPU v6e": 918.0,
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+}
+
+
+def peak_tflops(device_kind: str) -> float | None:
+    """Peak dense bf16 TFLOP/s for a jax device_kind, or None where unknown (CPU)."""
+    # Longest names first so "TPU v5 lite" wins over "TPU v5".
+    for name in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if name in device_kind:
+            return PEAK_BF16_TFLOPS[name]
+    return None
+
+
+def forward_flops(config: ModelConfig, rows: int, src_len: int, tgt_len: int) -> float:
+    """Matmul FLOPs of one forward pass over [rows, src_len] -> [rows, tgt_len] padded batches.
+
+    Counts what the hardware computes on the static shapes (packing padding included):
+    2 FLOPs per multiply-add for projections, FFN, attention scores/values, and the logits.
+    """
+    d, f, v, k = config.d_model, config.d_ff, config.vocab_size, config.head_dim
+    h, g = config.num_heads, config.kv_heads
+    ffn = 2 * d * f * (3 if config.feed_forward == "swiglu" else 2)
+    qo, kv = 2 * 2 * d * h * k, 2 * 2 * d * g * k
+    per_src = config.num_encoder_layers * (qo + kv + ffn + 2 * 2 * h * k * src_len)
+    per_tgt = config.num_decoder_layers * (
+        qo + kv + ffn + 2 * 2 * h * k * tgt_len + qo + 2 * 2 * h * k * src_len
+    )
+    cross_kv = config.num_decoder_layers * kv * src_len
+    logits = 2 * d * v
+    return float(rows * (src_len * per_src + tgt_len * (per_tgt + logits) + cross_kv))
+
+
+def train_flops(config: ModelConfig, rows: int, src_len: int, tgt_len: int) -> float:
+    """Forward + backward is about 3x the forward matmul FLOPs."""
+    return 3.0 * forward_flops(config, rows, src_len, tgt_len)
+
+
+class MetricWriter:
+    """TensorBoard scalars (process 0 only); a no-op elsewhere or without tensorboardX."""
+
+    def __init__(self, logdir: Path) -> None:
+        self._writer: Any = None
+        if jax.process_index() != 0:
+            return
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:  # the base install has it; stay usable if someone removed it
+            log.warning("tensorboardX is not installed; TensorBoard logging is off")
+            return
+        self._writer = SummaryWriter(str(logdir))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Write one value per tag at this step."""
+        if self._writer is None:
+            return
+        for tag, value in values.items():
+            self._writer.add_scalar(tag, value, step)
+        self._writer.flush()
+
+    def text(self, step: int, tag: str, value: str) -> None:
+        """Write a text summary (sample translations, BLEU signature)."""
+        if self._writer is not None:
+            self._writer.add_text(tag, value, step)
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        if self._writer is not None:
+            self._writer.close()

@@ -1,0 +1,122 @@
+"""Device meshes and logical-to-mesh axis rules: the only place mesh axis names appear."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# Auto (GSPMD) axes: XLA propagates shardings from the logical constraints; explicit-axis
+# "sharding in types" would demand out_sharding on every gather (the embedding lookup).
+AUTO_AXES = (AxisType.Auto,) * len(MESH_AXES)
+LogicalRules = tuple[tuple[str, Any], ...]
+
+# Data parallel over data x fsdp; FSDP shards each weight's embed axis; tensor parallel splits
+# heads, mlp and vocab (Megatron style), so block-boundary activations stay whole on 'tensor'.
+DEFAULT_RULES: LogicalRules = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+)
+
+
+def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Fill the one -1 entry so the product equals the device count; explain any mismatch."""
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh.shape: unknown axis {sorted(unknown)}; axes are {MESH_AXES}")
+    sizes = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
+    free = [axis for axis, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh.shape: only one axis may be -1, got {free}")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if any(size == 0 or size < -1 for size in sizes.values()):
+        raise ValueError(f"mesh.shape: sizes must be positive or -1, got {sizes}")
+    if free:
+        if num_devices % fixed:
+            raise ValueError(
+                f"mesh.shape {sizes}: {num_devices} devices are not divisible by {fixed}"
+            )
+        sizes[free[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(
+            f"mesh.shape {sizes} needs {math.prod(sizes.values())} devices; {num_devices} present"
+        )
+    return sizes
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh over the given (default: all) devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = resolve_mesh_shape(shape, len(devices))
+    dims = tuple(sizes[a] for a in MESH_AXES)
+    if devices == list(jax.devices()):
+        # make_mesh orders devices by the physical topology (ICI rings on TPU).
+        return jax.make_mesh(dims, MESH_AXES, devices=devices, axis_types=AUTO_AXES)
+    return Mesh(np.asarray(devices).reshape(dims), MESH_AXES, axis_types=AUTO_AXES)
+
+
+def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> LogicalRules:
+    """Normalize config rules (lists from ml_collections) into flax's tuple form."""
+    if rules is None:
+        return DEFAULT_RULES
+    normalized = []
+    for rule in rules:
+        if len(rule) != 2:
+            raise ValueError(f"mesh.logical_axis_rules: each rule is (logical, mesh), got {rule}")
+        logical, mesh_axes = rule
+        if isinstance(mesh_axes, list):
+            mesh_axes = tuple(mesh_axes)
+        for axis in mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,):
+            if axis is not None and axis not in MESH_AXES:
+                raise ValueError(
+                    f"mesh.logical_axis_rules: {logical!r} maps to unknown mesh axis {axis!r}"
+                )
+        normalized.append((logical, mesh_axes))
+    return tuple(normalized)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows split over data x fsdp; everything else replicated."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Whole on every device."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def sharded_init(init_fn: Callable[[], Any], mesh: Mesh, rules: LogicalRules) -> tuple[Any, Any]:
+    """Initialize state directly into its shardings: eval_shape -> logical specs -> mesh specs.
+
+    Returns (state, shardings). init_fn must build boxed (LogicallyPartitioned) params so the
+    logical names are visible to eval_shape; they are unboxed after the specs are read.
+    """
+    abstract = jax.eval_shape(init_fn)
+    logical_specs = nn.get_partition_spec(abstract)
+    shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+    state = jax.jit(lambda: nn.unbox(init_fn()), out_shardings=shardings)()
+    return state, shardings
+
+
+def bytes_per_device(tree: Any) -> dict[int, int]:
+    """Bytes each device holds of a pytree of jax.Arrays (to check sharding really splits)."""
+    totals: dict[int, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            totals[shard.device.id] = totals.get(shard.device.id, 0) + shard.data.nbytes
+    return totals

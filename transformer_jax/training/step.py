@@ -1,0 +1,146 @@
+"""Pure training and evaluation steps: train_step(state, batch, rng) -> (state, metrics)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, cast
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from transformer_jax.model import Transformer
+from transformer_jax.training.loss import loss_sums
+
+Array = jax.Array
+Batch = dict[str, Array]
+Metrics = dict[str, Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes: the update count, parameters and optimizer state."""
+
+    step: Array
+    params: Any
+    opt_state: Any
+
+
+def init_state(
+    model: Transformer,
+    optimizer: optax.GradientTransformation,
+    rng: Array,
+    src_shape: tuple[int, int],
+    tgt_shape: tuple[int, int],
+) -> TrainState:
+    """Fresh state with logically-boxed leaves (for sharding specs); nn.unbox it before use."""
+    variables = model.init(rng, jnp.ones(src_shape, jnp.int32), jnp.ones(tgt_shape, jnp.int32))
+    params = variables["params"]
+    # Adam's moments inherit the parameters' logical boxes, so they shard the same way.
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
+    )
+
+
+def model_inputs(batch: Batch) -> dict[str, Any]:
+    """The model's keyword arguments from a pipeline batch (packed keys are optional)."""
+    return {
+        "src_ids_BxS": batch["inputs"],
+        "tgt_ids_BxT": batch["targets"],
+        "src_segment_ids_BxS": batch.get("inputs_segmentation"),
+        "tgt_segment_ids_BxT": batch.get("targets_segmentation"),
+        "src_positions_BxS": batch.get("inputs_position"),
+        "tgt_positions_BxT": batch.get("targets_position"),
+    }
+
+
+def forward(
+    model: Transformer,
+    params: Any,
+    batch: Batch,
+    *,
+    deterministic: bool,
+    rngs: dict[str, Array] | None = None,
+) -> Array:
+    """Teacher-forced float32 logits for a pipeline batch."""
+    logits = model.apply(
+        {"params": params}, **model_inputs(batch), deterministic=deterministic, rngs=rngs
+    )  # type: ignore[arg-type]
+    return cast(Array, logits)
+
+
+def make_train_step(
+    model: Transformer,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    label_smoothing: float,
+    grad_accum_steps: int = 1,
+) -> Callable[[TrainState, Batch, Array], tuple[TrainState, Metrics]]:
+    """Build the pure train step; the global batch is split into grad_accum_steps micro-batches.
+
+    Gradients of summed token losses are accumulated and divided once by the total number of
+    real target tokens, so k micro-steps give exactly the update of one k-times-larger batch
+    (optax.MultiSteps averages per-micro-batch means, which differs when token counts differ).
+    """
+    if grad_accum_steps < 1:
+        raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+
+    def loss_fn(params: Any, batch: Batch, rng: Array) -> tuple[Array, Metrics]:
+        logits = forward(model, params, batch, deterministic=False, rngs={"dropout": rng})
+        sums = loss_sums(logits, batch["targets"], label_smoothing)
+        return sums["loss_sum"], sums
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch, rng: Array) -> tuple[TrainState, Metrics]:
+        step_rng = jax.random.fold_in(rng, state.step)
+        if grad_accum_steps == 1:
+            grads, sums = grad_fn(state.params, batch, step_rng)
+        else:
+            k = grad_accum_steps
+            # Row j of micro-batch i is global row j*k + i: every device keeps a share of every
+            # micro-batch, so no rows move between devices.
+            micro = jax.tree.map(lambda x: x.reshape(-1, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+            def accumulate(
+                carry: tuple[Any, Metrics], xs: tuple[Batch, Array]
+            ) -> tuple[tuple[Any, Metrics], None]:
+                micro_batch, i = xs
+                g, s = grad_fn(state.params, micro_batch, jax.random.fold_in(step_rng, i))
+                return jax.tree.map(jnp.add, carry, (g, s)), None
+
+            zeros = (
+                jax.tree.map(jnp.zeros_like, state.params),
+                {"loss_sum": 0.0, "nll_sum": 0.0, "num_tokens": 0.0},
+            )
+            zeros = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zeros)
+            (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(k)))
+        grads = jax.tree.map(lambda g: g / jnp.maximum(sums["num_tokens"], 1.0), grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            **sums,
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+        }
+        new_state = dataclasses.replace(
+            state, step=state.step + 1, params=params, opt_state=opt_state
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(
+    model: Transformer, *, label_smoothing: float
+) -> Callable[[Any, Batch], Metrics]:
+    """Build the pure evaluation step: summed losses with dropout off."""
+
+    def eval_step(params: Any, batch: Batch) -> Metrics:
+        logits = forward(model, params, batch, deterministic=True)
+        return loss_sums(logits, batch["targets"], label_smoothing)
+
+    return eval_step
