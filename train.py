@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -19,6 +20,13 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run folder (checkpoints, tokenizer, logs); resumes if it has checkpoints."
 )
 
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() first: set on every host of a multi-host TPU pod slice "
+    "(coordinator and process ids are detected there).",
+)
+
 
 def main(argv: list[str]) -> None:
     """Parse flags and hand over to the library."""
@@ -27,6 +35,12 @@ def main(argv: list[str]) -> None:
     # Orbax and grain log every save at INFO through absl; keep their warnings, show ours.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("transformer_jax").setLevel(logging.INFO)
+    if _DISTRIBUTED.value:
+        if not _WORKDIR.value:
+            # Each host would otherwise invent its own timestamped folder.
+            raise app.UsageError("--distributed needs --workdir (the same path on every host)")
+        jax.distributed.initialize()
+        log.info("Process %d of %d", jax.process_index(), jax.process_count())
     workdir = _WORKDIR.value or str(new_workdir())
     log.info("Workdir: %s", workdir)
     result = train_and_evaluate(_CONFIG.value, workdir)

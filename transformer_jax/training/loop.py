@@ -449,6 +449,8 @@ def train_and_evaluate(
         file=sys.stderr,
         disable=jax.process_index() != 0,
         dynamic_ncols=True,
+        # Redraw rarely when stderr is a file (CI, nohup), so logs stay readable.
+        mininterval=0.1 if sys.stderr.isatty() else 30.0,
     )
     step = start_step
     try:
