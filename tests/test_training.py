@@ -404,3 +404,31 @@ def test_missing_data_file_is_named(small_corpus: Path, tmp_path: Path) -> None:
     config.data.options.source_path = str(tmp_path / "nowhere.{split}.en")
     with pytest.raises((ValueError, FileNotFoundError), match="nowhere"):
         train_and_evaluate(config, tmp_path / "run")
+
+
+def test_checkpoint_round_trips_state_rng_and_iterator(tmp_path: Path) -> None:
+    import grain
+
+    from transformer_jax.training.checkpoint import Checkpointer
+
+    def numbers() -> grain.DatasetIterator:
+        return iter(grain.MapDataset.range(100).shuffle(seed=3).to_iter_dataset())
+
+    iterator = numbers()
+    for _ in range(5):
+        next(iterator)
+    state = {"step": jnp.array(7), "params": {"w": jnp.arange(6.0).reshape(2, 3)}}
+    rng = jax.random.key(1234)
+    ckpt = Checkpointer(tmp_path, save_every=5, max_to_keep=2, async_save=True)
+    assert not ckpt.maybe_save(7, state, iterator, rng)  # not a multiple of 5
+    assert ckpt.maybe_save(10, state, iterator, rng)
+    expected_next = [next(iterator) for _ in range(3)]  # the save must not see these
+    ckpt.wait()
+    restored_iterator = numbers()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    restored, restored_rng = ckpt.restore(10, abstract, restored_iterator)
+    ckpt.close()
+    np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+    assert [next(restored_iterator) for _ in range(3)] == expected_next
+    assert restored_rng is not None
+    np.testing.assert_array_equal(jax.random.key_data(restored_rng), jax.random.key_data(rng))

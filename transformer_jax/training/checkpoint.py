@@ -9,6 +9,8 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from transformer_jax.config import ModelConfig
@@ -49,6 +51,7 @@ class Checkpointer:
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler(),
+                "rng": ocp.JsonCheckpointHandler(),
             },
         )
 
@@ -60,7 +63,15 @@ class Checkpointer:
         """Every saved step, oldest first."""
         return sorted(self.manager.all_steps())
 
-    def maybe_save(self, step: int, state: Any, iterator: Any, *, force: bool = False) -> bool:
+    def maybe_save(
+        self,
+        step: int,
+        state: Any,
+        iterator: Any,
+        rng: jax.Array | None = None,
+        *,
+        force: bool = False,
+    ) -> bool:
         """Save when step is a multiple of save_every (or forced); returns whether it saved."""
         if not force and (self.save_every <= 0 or step % self.save_every):
             return False
@@ -69,16 +80,29 @@ class Checkpointer:
         args = {"state": ocp.args.StandardSave(state)}
         if iterator is not None:
             args["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator.get_state()))
+        if rng is not None:
+            key_data = np.asarray(jax.random.key_data(rng)).tolist()
+            args["rng"] = ocp.args.JsonSave({"key_data": key_data})
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
         return True
 
-    def restore(self, step: int, abstract_state: Any, iterator: Any) -> Any:
-        """Restore state into the shardings of abstract_state, and the iterator in place."""
+    def restore(
+        self, step: int, abstract_state: Any, iterator: Any
+    ) -> tuple[Any, jax.Array | None]:
+        """(state in the shardings of abstract_state, saved RNG key); the iterator in place."""
         args = {"state": ocp.args.StandardRestore(abstract_state)}
         if iterator is not None:
             args["data"] = grain.checkpoint.CheckpointRestore(iterator)
+        # Checkpoints written without a key (restore_params users, older runs) still restore.
+        has_rng = (self.directory / str(step) / "rng").exists()
+        if has_rng:
+            args["rng"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        return restored["state"]
+        rng = None
+        if has_rng:
+            key_data = np.asarray(restored["rng"]["key_data"], np.uint32)
+            rng = jax.random.wrap_key_data(jnp.asarray(key_data))
+        return restored["state"], rng
 
     def restore_params(self, step: int) -> Any:
         """Just the saved pytree (host arrays, as written), for inference and averaging."""

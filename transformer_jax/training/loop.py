@@ -418,7 +418,8 @@ def train_and_evaluate(
         max_to_keep=config.train.max_to_keep,
         async_save=config.train.async_checkpointing,
     )
-    state = restore_or_init(ckpt, state, setup, train_iter)
+    rng = jax.random.key(config.seed)
+    state, rng = restore_or_init(ckpt, state, rng, setup, train_iter)
     start_step = int(jax.device_get(state.step))
     num_steps = config.train.num_steps
     rows = rows_per_host * jax.process_count()
@@ -436,7 +437,6 @@ def train_and_evaluate(
         config.data.max_target_length,
         f"resuming at step {start_step}" if start_step else "starting at step 0",
     )
-    rng = jax.random.key(config.seed)
     final: dict[str, float] = {}
     stopped_by = "finished"
     pending: list[dict[str, jax.Array]] = []
@@ -497,11 +497,11 @@ def train_and_evaluate(
                         )
                     )
                     interval_start = time.perf_counter()
-                ckpt.maybe_save(step, state, train_iter)
+                ckpt.maybe_save(step, state, train_iter, rng)
                 if preemption.requested or (stop_after is not None and step >= stop_after):
                     stopped_by = "preempted" if preemption.requested else "stopped"
                     break
-        ckpt.maybe_save(step, state, train_iter, force=True)
+        ckpt.maybe_save(step, state, train_iter, rng, force=True)
         ckpt.wait()
     finally:
         bar.close()
@@ -535,19 +535,24 @@ def train_and_evaluate(
 
 
 def restore_or_init(
-    ckpt: checkpoint.Checkpointer, state: TrainState, setup: Setup, train_iter: Any
-) -> TrainState:
-    """Continue from the newest checkpoint in the workdir, else keep the fresh state."""
+    ckpt: checkpoint.Checkpointer,
+    state: TrainState,
+    rng: jax.Array,
+    setup: Setup,
+    train_iter: Any,
+) -> tuple[TrainState, jax.Array]:
+    """Continue from the newest checkpoint in the workdir (state, RNG, data), else start fresh."""
     latest = ckpt.latest_step()
     if latest is None:
-        return state
+        return state, rng
     log.info("Restoring step %d from %s", latest, ckpt.directory)
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         state,
         setup.state_shardings,
     )
-    return ckpt.restore(latest, abstract, train_iter)
+    restored, saved_rng = ckpt.restore(latest, abstract, train_iter)
+    return restored, rng if saved_rng is None else saved_rng
 
 
 def _throughput(
