@@ -55,3 +55,19 @@ def tiny_train_config(corpus: Path) -> ml_collections.ConfigDict:
     config.train.async_checkpointing = False
     config.decode.max_length = 24
     return config
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workdir from a short run on the small corpus: checkpoints at steps 10, 20, 30."""
+    from transformer_jax.training.loop import train_and_evaluate
+
+    config = tiny_train_config(small_corpus)
+    config.train.num_steps = 30
+    config.train.checkpoint_every = 10
+    config.train.max_to_keep = 5
+    config.train.log_every = 10
+    config.data.test_split = ""
+    workdir = tmp_path_factory.mktemp("trained")
+    train_and_evaluate(config, workdir)
+    return workdir

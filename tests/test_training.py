@@ -240,14 +240,19 @@ def test_four_device_mesh_step_equals_single_device_step() -> None:
 
 
 def _params(workdir: Path, step_number: int) -> list[np.ndarray]:
-    from transformer_jax.training.checkpoint import Checkpointer
+    from transformer_jax.training.checkpoint import restore_params
 
-    ckpt = Checkpointer(workdir, save_every=0, max_to_keep=5, async_save=False)
-    try:
-        state = ckpt.restore_params(step_number)
-    finally:
-        ckpt.close()
-    return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+    config = ModelConfig.load(workdir / "model_config.json")
+    abstract = jax.eval_shape(
+        lambda: nn.unbox(
+            Transformer(config).init(
+                jax.random.key(0), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)
+            )["params"]
+        )
+    )
+    params, step_read = restore_params(workdir, step_number, abstract)
+    assert step_read == step_number
+    return [np.asarray(x) for x in jax.tree.leaves(params)]
 
 
 @pytest.mark.slow

@@ -104,13 +104,6 @@ class Checkpointer:
             rng = jax.random.wrap_key_data(jnp.asarray(key_data))
         return restored["state"], rng
 
-    def restore_params(self, step: int) -> Any:
-        """Just the saved pytree (host arrays, as written), for inference and averaging."""
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-        )
-        return restored["state"]
-
     def wait(self) -> None:
         """Block until async saves are on disk."""
         self.manager.wait_until_finished()
@@ -141,3 +134,73 @@ def write_model_config(workdir: Path, config: ModelConfig) -> None:
         tmp = path.with_suffix(".tmp")
         config.save(tmp)
         tmp.replace(path)
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+    """Steps with a finished checkpoint in workdir/checkpoints, oldest first."""
+    directory = Path(workdir) / CHECKPOINT_DIR
+    if not directory.is_dir():
+        return []
+    return sorted(
+        int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "state").is_dir()
+    )
+
+
+def restore_params(workdir: Path, step: int | None, abstract_params: Any) -> tuple[Any, int]:
+    """Only the parameters of one checkpoint (default: the newest), into abstract's shardings.
+
+    Reads params alone (partial restore), so the optimizer's moments never reach memory.
+    """
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(
+            f"{Path(workdir) / CHECKPOINT_DIR}: no checkpoints; train first "
+            f"(python train.py --workdir={workdir}) or point at a workdir that has them"
+        )
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise ValueError(f"{workdir}: no checkpoint for step {step}; saved steps are {steps}")
+    manager = ocp.CheckpointManager(
+        (Path(workdir) / CHECKPOINT_DIR).absolute(),
+        options=ocp.CheckpointManagerOptions(create=False),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+    )
+    target = {"params": abstract_params}
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,
+                )
+            ),
+        )
+    except (ValueError, KeyError) as e:
+        raise ValueError(
+            f"{Path(workdir) / CHECKPOINT_DIR / str(step)}: its parameters do not fit "
+            f"{MODEL_CONFIG_FILE} ({e}); the checkpoint and the model config disagree"
+        ) from e
+    finally:
+        manager.close()
+    return restored["state"]["params"], step
+
+
+def save_params(workdir: Path, step: int, params: Any) -> None:
+    """Write a params-only checkpoint (averaged weights) that load() and evaluate read."""
+    manager = ocp.CheckpointManager(
+        (Path(workdir) / CHECKPOINT_DIR).absolute(),
+        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+        item_handlers={"state": ocp.StandardCheckpointHandler()},
+    )
+    try:
+        manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})),
+            force=True,
+        )
+        manager.wait_until_finished()
+    finally:
+        manager.close()

@@ -1,0 +1,53 @@
+"""Shared command-line pieces: decoding flags and quiet library logging."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any
+
+
+def quiet_libraries() -> None:
+    """Keep orbax/absl INFO chatter off the console; keep warnings and our own messages."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("transformer_jax").setLevel(logging.INFO)
+
+
+def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
+    """--workdir, --step and the decoding settings (paper defaults: beam 4, alpha 0.6, +50)."""
+    parser.add_argument("--workdir", required=True, help="a workdir written by train.py")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    parser.add_argument("--method", choices=["beam", "greedy", "sample"], default="beam")
+    parser.add_argument("--beam_size", type=int, default=4, help="paper: 4")
+    parser.add_argument("--alpha", type=float, default=0.6, help="length penalty; paper: 0.6")
+    parser.add_argument("--extra_length", type=int, default=50, help="max output = input + this")
+    parser.add_argument("--batch_size", type=int, default=32, help="sentences per batch")
+    parser.add_argument(
+        "--max_source_length",
+        type=int,
+        default=None,
+        help="longer inputs are truncated (default: the model's max_len)",
+    )
+    parser.add_argument("--temperature", type=float, default=1.0, help="with --method=sample")
+    parser.add_argument("--top_k", type=int, default=0, help="with --method=sample; 0 = all")
+    parser.add_argument("--seed", type=int, default=0, help="with --method=sample")
+
+
+def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Translator.translate keyword arguments from parsed flags."""
+    return {
+        "method": args.method,
+        "beam_size": args.beam_size,
+        "alpha": args.alpha,
+        "extra_length": args.extra_length,
+        "batch_size": args.batch_size,
+        "max_source_length": args.max_source_length,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "seed": args.seed,
+    }
