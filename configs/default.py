@@ -33,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dtype = "float32"  # Compute dtype; CPUs are slow at bfloat16.
     config.model.param_dtype = "float32"  # Parameter dtype.
     config.model.attention_impl = "einsum"  # Or "dot_product" (cuDNN flash on GPU).
+    config.model.remat = "none"  # Backward-pass recompute: "none" | "full" | "dots".
+    config.model.scan_layers = False  # nn.scan over layers (flat compile time in depth).
 
     config.data = ml_collections.ConfigDict()
     config.data.kind = "builtin"  # "builtin" | "tfds" | "text" | "tsv" (docs/data.md).

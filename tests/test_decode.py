@@ -22,7 +22,7 @@ from transformer_jax.inference.decode import (
     output_limits,
     sample_decode,
 )
-from transformer_jax.model import Transformer
+from transformer_jax.model import Transformer, stack_layer_params
 
 # Untied output projection: with tied embeddings random params mostly echo the input token.
 CONFIG = ModelConfig.preset(
@@ -326,3 +326,24 @@ def test_decoders_under_a_sharded_mesh_equal_single_device() -> None:
         check=False,
     )
     assert "MESH-OK" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_decoders_with_scanned_layers_match_the_layer_loop(setup: tuple) -> None:
+    _, _, src = setup
+    config = CONFIG.replace(num_encoder_layers=2, num_decoder_layers=2)
+    model = Transformer(config)
+    params = nn.unbox(model.init(jax.random.key(2), src, src)["params"])
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    params = jax.tree.unflatten(
+        treedef,
+        [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)],
+    )
+    scanned = Transformer(config.replace(scan_layers=True))
+    stacked = stack_layer_params(params)
+    # The beam cache reorder must gather along the batch axis behind the scanned layer axis.
+    out, score = jit_beam(model, 4, 0.6)(params, src)
+    out_scanned, score_scanned = jit_beam(scanned, 4, 0.6)(stacked, src)
+    np.testing.assert_array_equal(out, out_scanned)
+    np.testing.assert_allclose(score, score_scanned, atol=1e-5)
+    np.testing.assert_array_equal(jit_greedy(model)(params, src), jit_greedy(scanned)(stacked, src))

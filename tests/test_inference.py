@@ -81,6 +81,23 @@ def test_attention_maps_for_plotting(translator: Translator) -> None:
     assert maps.source_tokens[-1] == "</s>"
 
 
+def test_attention_maps_and_translation_with_scanned_layers(translator: Translator) -> None:
+    import dataclasses
+
+    from transformer_jax.model import stack_layer_params
+
+    scanned = dataclasses.replace(
+        translator,
+        config=translator.config.replace(scan_layers=True),
+        params=stack_layer_params(translator.params),
+        _compiled={},
+    )
+    a, b = translator.attention_weights(SENTENCES[0]), scanned.attention_weights(SENTENCES[0])
+    assert a.target_tokens == b.target_tokens
+    np.testing.assert_allclose(a.cross, b.cross, atol=1e-5)
+    np.testing.assert_allclose(a.encoder_self, b.encoder_self, atol=1e-5)
+
+
 def test_averaging_two_checkpoints_gives_the_elementwise_mean(
     trained_workdir: Path, tmp_path: Path
 ) -> None:

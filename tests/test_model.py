@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from transformer_jax.config import BOS_ID, PAD_ID, ModelConfig
-from transformer_jax.model import Transformer, init_cache, shift_right
+from transformer_jax.model import (
+    Transformer,
+    init_cache,
+    shift_right,
+    stack_layer_params,
+    unstack_layer_params,
+)
 from transformer_jax.model.attention import einsum_attention, fused_attention
 from transformer_jax.model.layers import sinusoidal_encoding
 
@@ -33,6 +39,7 @@ VARIANTS = {
     "learned_swiglu": {"position_encoding": "learned", "feed_forward": "swiglu"},
     "gqa_untied": {"num_kv_heads": 2, "embedding_sharing": "none"},
     "mqa_target_tied": {"num_kv_heads": 1, "embedding_sharing": "target", "feed_forward": "gelu"},
+    "scan_remat": {"scan_layers": True, "remat": "dots"},
 }
 
 
@@ -287,3 +294,39 @@ def test_attention_weights_can_be_captured_for_plots() -> None:
     (probs,) = weights
     assert probs.shape == (1, SMALL.num_heads, 4, 6)
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+
+
+def test_scanned_layers_compute_the_same_function() -> None:
+    rng = np.random.default_rng(12)
+    src, tgt = random_ids(rng, (2, 6)), random_ids(rng, (2, 5))
+    src[1, 4:] = PAD_ID
+    model, params = build(SMALL, src, tgt)
+    scanned = Transformer(SMALL.replace(scan_layers=True))
+    stacked = stack_layer_params(params)
+    assert jax.tree.structure(stacked) == jax.tree.structure(
+        nn.unbox(scanned.init(jax.random.key(0), src, tgt)["params"])
+    )
+    np.testing.assert_allclose(
+        model.apply({"params": params}, src, tgt),
+        scanned.apply({"params": stacked}, src, tgt),
+        atol=1e-5,
+    )
+    back = unstack_layer_params(stacked)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_the_same_gradients(remat: str) -> None:
+    rng = np.random.default_rng(13)
+    src, tgt = random_ids(rng, (2, 6)), random_ids(rng, (2, 5))
+    model, params = build(SMALL, src, tgt)
+    rematted = Transformer(SMALL.replace(remat=remat))
+
+    def loss(m: Transformer):
+        return lambda p: jnp.sum(jax.nn.log_softmax(m.apply({"params": p}, src, tgt))[..., 5])
+
+    plain = jax.jit(jax.grad(loss(model)))(params)
+    again = jax.jit(jax.grad(loss(rematted)))(params)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(again), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)

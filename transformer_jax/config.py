@@ -27,6 +27,7 @@ FeedForward = Literal["relu", "gelu", "swiglu"]
 EmbeddingSharing = Literal["all", "target", "none"]
 AttentionImpl = Literal["einsum", "dot_product"]
 PresetName = Literal["tiny", "base", "big"]
+Remat = Literal["none", "full", "dots"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,12 @@ class ModelConfig:
     dtype: DType = "float32"
     param_dtype: DType = "float32"
     attention_impl: AttentionImpl = "einsum"
+    # Rematerialize each layer in the backward pass: "full" keeps only layer inputs, "dots"
+    # also keeps matmul outputs (recomputes the cheap elementwise work).
+    remat: Remat = "none"
+    # nn.scan over layers: one compiled layer body (compile time flat in depth); params get a
+    # leading "layers" axis, so checkpoints differ in layout from unscanned ones.
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         _check_literals(self)

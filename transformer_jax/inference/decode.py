@@ -208,11 +208,13 @@ def _reorder_cache(cache: Any, flat_parent_BW: Array) -> Any:
         # cache_index/position are scalars; the cross-attention keys are the same for every beam
         # of a sentence and parents never leave their sentence, so that gather is the identity.
         name = getattr(path[-1], "key", None)
-        if leaf.ndim == 0 or leaf.shape[0] != num_rows or name in _CROSS_CACHE_NAMES:
+        # Under nn.scan (config.scan_layers) every cache leaf has a leading layer axis.
+        axis = 1 if any(getattr(p, "key", None) == "layers" for p in path) else 0
+        if leaf.ndim <= axis or leaf.shape[axis] != num_rows or name in _CROSS_CACHE_NAMES:
             return leaf
         # Indices are in range by construction; "clip" skips the default "fill" mode's masking
         # pass over the whole gathered cache.
-        return jnp.take(leaf, flat_parent_BW, axis=0, mode="clip")
+        return jnp.take(leaf, flat_parent_BW, axis=axis, mode="clip")
 
     return jax.tree_util.tree_map_with_path(reorder, cache)
 

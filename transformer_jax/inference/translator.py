@@ -137,8 +137,11 @@ class Translator:
         found = state["intermediates"]
 
         def stack(stack_name: str, layers: int, module: str) -> np.ndarray:
+            tree = found[stack_name]
+            if "layers" in tree:  # scan_layers: one sown array with a leading layer axis
+                return np.asarray(tree["layers"][module]["attention_weights"][0])[:, 0]
             maps = [
-                np.asarray(found[stack_name][f"layer_{i}"][module]["attention_weights"][0][0])
+                np.asarray(tree[f"layer_{i}"][module]["attention_weights"][0][0])
                 for i in range(layers)
             ]
             return np.stack(maps)

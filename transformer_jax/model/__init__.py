@@ -1,6 +1,20 @@
 """Flax modules of the Transformer."""
 
 from transformer_jax.model.attention import MultiHeadAttention, make_attention_mask
-from transformer_jax.model.transformer import Transformer, init_cache, shift_right
+from transformer_jax.model.transformer import (
+    Transformer,
+    init_cache,
+    shift_right,
+    stack_layer_params,
+    unstack_layer_params,
+)
 
-__all__ = ["MultiHeadAttention", "Transformer", "init_cache", "make_attention_mask", "shift_right"]
+__all__ = [
+    "MultiHeadAttention",
+    "Transformer",
+    "init_cache",
+    "make_attention_mask",
+    "shift_right",
+    "stack_layer_params",
+    "unstack_layer_params",
+]

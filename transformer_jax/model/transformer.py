@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -46,14 +47,19 @@ class ResidualBlock(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Self-attention then the feed-forward network, each in a residual block."""
+    """Self-attention then the feed-forward network, each in a residual block.
+
+    Returns (output, None): the (carry, per-layer output) form nn.scan needs.
+    """
 
     config: ModelConfig
+    deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x_BxSxD: Array, mask_Bx1xSxS: Array, *, deterministic: bool) -> Array:
+    def __call__(self, x_BxSxD: Array, mask_Bx1xSxS: Array) -> tuple[Array, None]:
         """One of the N encoder layers."""
         cfg = self.config
+        deterministic = self.deterministic
         attention = MultiHeadAttention(cfg, name="self_attention")
         ffn = FeedForward(cfg, name="ffn")
         x_BxSxD = ResidualBlock(cfg, name="attention_block")(
@@ -61,15 +67,21 @@ class EncoderLayer(nn.Module):
             lambda h: attention(h, h, mask_Bx1xSxS, deterministic=deterministic),
             deterministic=deterministic,
         )
-        return ResidualBlock(cfg, name="ffn_block")(
+        out_BxSxD = ResidualBlock(cfg, name="ffn_block")(
             x_BxSxD, lambda h: ffn(h, deterministic=deterministic), deterministic=deterministic
         )
+        return out_BxSxD, None
 
 
 class DecoderLayer(nn.Module):
-    """Masked self-attention, encoder-decoder attention, then the FFN (section 3.1)."""
+    """Masked self-attention, encoder-decoder attention, then the FFN (section 3.1).
+
+    Returns (output, None): the (carry, per-layer output) form nn.scan needs.
+    """
 
     config: ModelConfig
+    deterministic: bool = True
+    decode: bool = False
 
     @nn.compact
     def __call__(
@@ -78,12 +90,10 @@ class DecoderLayer(nn.Module):
         encoded_BxSxD: Array,
         self_mask_Bx1xTxT: Array | None,
         cross_mask_Bx1xTxS: Array,
-        *,
-        deterministic: bool,
-        decode: bool,
-    ) -> Array:
+    ) -> tuple[Array, None]:
         """One of the N decoder layers."""
         cfg = self.config
+        deterministic, decode = self.deterministic, self.decode
         self_attention = MultiHeadAttention(cfg, name="self_attention")
         cross_attention = MultiHeadAttention(cfg, is_cross_attention=True, name="cross_attention")
         ffn = FeedForward(cfg, name="ffn")
@@ -101,9 +111,50 @@ class DecoderLayer(nn.Module):
             ),
             deterministic=deterministic,
         )
-        return ResidualBlock(cfg, name="ffn_block")(
+        out_BxTxD = ResidualBlock(cfg, name="ffn_block")(
             y_BxTxD, lambda h: ffn(h, deterministic=deterministic), deterministic=deterministic
         )
+        return out_BxTxD, None
+
+
+def _remat_policy(name: str) -> Any:
+    """jax.checkpoint policy for config.remat ('dots': keep matmul outputs, recompute the rest)."""
+    if name == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return None  # "full": save nothing but the layer inputs
+
+
+def run_layers(
+    layer_cls: type[nn.Module],
+    config: ModelConfig,
+    num_layers: int,
+    carry: Array,
+    *args: Any,
+    **attributes: Any,
+) -> Array:
+    """Apply num_layers copies of a layer: a Python loop, or nn.scan; optionally rematerialized.
+
+    Scanned parameters gain a leading 'layers' axis (logical name "layers"), and compile time
+    stops growing with depth. Remat trades recomputation in the backward pass for memory.
+    """
+    cls = layer_cls
+    if config.remat != "none":
+        # prevent_cse is only needed outside scan (scan already keeps the recomputation).
+        cls = nn.remat(cls, policy=_remat_policy(config.remat), prevent_cse=not config.scan_layers)
+    if config.scan_layers:
+        scanned = nn.scan(
+            cls,
+            variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,) * len(args),
+            length=num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        carry, _ = scanned(config, name="layers", **attributes)(carry, *args)
+        return carry
+    for i in range(num_layers):
+        carry, _ = cls(config, name=f"layer_{i}", **attributes)(carry, *args)
+    return carry
 
 
 def default_positions(ids_BxL: Array) -> Array:
@@ -149,10 +200,14 @@ class Encoder(nn.Module):
         )
         x_BxSxD = nn.Dropout(cfg.dropout_rate)(x_BxSxD, deterministic=deterministic)
         x_BxSxD = nn.with_logical_constraint(x_BxSxD, ACT_BLD)
-        for i in range(cfg.num_encoder_layers):
-            x_BxSxD = EncoderLayer(cfg, name=f"layer_{i}")(
-                x_BxSxD, mask_Bx1xSxS, deterministic=deterministic
-            )
+        x_BxSxD = run_layers(
+            EncoderLayer,
+            cfg,
+            cfg.num_encoder_layers,
+            x_BxSxD,
+            mask_Bx1xSxS,
+            deterministic=deterministic,
+        )
         if cfg.norm_position == "pre":
             x_BxSxD = Norm(cfg, name="final_norm")(x_BxSxD)
         return x_BxSxD
@@ -215,15 +270,17 @@ class Decoder(nn.Module):
         )
         y_BxTxD = nn.Dropout(cfg.dropout_rate)(y_BxTxD, deterministic=deterministic)
         y_BxTxD = nn.with_logical_constraint(y_BxTxD, ACT_BLD)
-        for i in range(cfg.num_decoder_layers):
-            y_BxTxD = DecoderLayer(cfg, name=f"layer_{i}")(
-                y_BxTxD,
-                encoded_BxSxD,
-                self_mask,
-                cross_mask_Bx1xTxS,
-                deterministic=deterministic,
-                decode=decode,
-            )
+        y_BxTxD = run_layers(
+            DecoderLayer,
+            cfg,
+            cfg.num_decoder_layers,
+            y_BxTxD,
+            encoded_BxSxD,
+            self_mask,
+            cross_mask_Bx1xTxS,
+            deterministic=deterministic,
+            decode=decode,
+        )
         if cfg.norm_position == "pre":
             y_BxTxD = Norm(cfg, name="final_norm")(y_BxTxD)
         if self.output_embedding is not None:
@@ -344,3 +401,30 @@ def init_cache(
         method=Transformer.decode,
     )
     return variables["cache"]
+
+
+def stack_layer_params(params: dict) -> dict:
+    """Convert unscanned params (layer_0, layer_1, ...) to the scan_layers=True layout."""
+    out = dict(params)
+    for stack in ("encoder", "decoder"):
+        tree = params[stack]
+        names = sorted((k for k in tree if k.startswith("layer_")), key=lambda k: int(k[6:]))
+        rest = {k: v for k, v in tree.items() if not k.startswith("layer_")}
+        out[stack] = {
+            **rest,
+            "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[k] for k in names]),
+        }
+    return out
+
+
+def unstack_layer_params(params: dict) -> dict:
+    """Convert scan_layers=True params (a stacked 'layers' tree) back to layer_0, layer_1, ..."""
+    out = dict(params)
+    for stack in ("encoder", "decoder"):
+        tree = dict(params[stack])
+        stacked = tree.pop("layers")
+        count = jax.tree.leaves(stacked)[0].shape[0]
+        for i in range(count):
+            tree[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+        out[stack] = tree
+    return out

@@ -31,6 +31,7 @@ DEFAULT_RULES: LogicalRules = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv", None),
+    ("layers", None),
 )
 
 
