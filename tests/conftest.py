@@ -71,3 +71,20 @@ def trained_workdir(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory
     workdir = tmp_path_factory.mktemp("trained")
     train_and_evaluate(config, workdir)
     return workdir
+
+
+def checkpoint_params(workdir: Path, step: int) -> list:
+    """One checkpoint's parameters as numpy leaves, read on one device."""
+    import jax
+    import numpy as np
+
+    from transformer_jax.config import ModelConfig
+    from transformer_jax.inference.translator import abstract_params
+    from transformer_jax.training import checkpoint, sharding
+
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    config = ModelConfig.load(workdir / checkpoint.MODEL_CONFIG_FILE)
+    abstract = abstract_params(config, mesh, sharding.DEFAULT_RULES)
+    params, step_read = checkpoint.restore_params(workdir, step, abstract)
+    assert step_read == step
+    return [np.asarray(x) for x in jax.tree.leaves(params)]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import ROOT, tiny_train_config
+from conftest import ROOT, checkpoint_params, tiny_train_config
 
 from transformer_jax.config import PAD_ID, ModelConfig
 from transformer_jax.model import Transformer
@@ -239,22 +239,6 @@ def test_four_device_mesh_step_equals_single_device_step() -> None:
     assert "MESH-OK" in out
 
 
-def _params(workdir: Path, step_number: int) -> list[np.ndarray]:
-    from transformer_jax.training.checkpoint import restore_params
-
-    config = ModelConfig.load(workdir / "model_config.json")
-    abstract = jax.eval_shape(
-        lambda: nn.unbox(
-            Transformer(config).init(
-                jax.random.key(0), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)
-            )["params"]
-        )
-    )
-    params, step_read = restore_params(workdir, step_number, abstract)
-    assert step_read == step_number
-    return [np.asarray(x) for x in jax.tree.leaves(params)]
-
-
 @pytest.mark.slow
 def test_resume_reaches_exactly_the_uninterrupted_parameters(
     small_corpus: Path, tmp_path: Path
@@ -269,7 +253,9 @@ def test_resume_reaches_exactly_the_uninterrupted_parameters(
     resumed = train_and_evaluate(config, tmp_path / "resumed")
     assert resumed.step == 6
     for a, b in zip(
-        _params(tmp_path / "straight", 6), _params(tmp_path / "resumed", 6), strict=True
+        checkpoint_params(tmp_path / "straight", 6),
+        checkpoint_params(tmp_path / "resumed", 6),
+        strict=True,
     ):
         np.testing.assert_array_equal(a, b)
     assert np.isfinite(straight.final_metrics["validation_loss"])

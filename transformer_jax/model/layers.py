@@ -60,16 +60,25 @@ class Embed(nn.Module):
             dtype_of(cfg.param_dtype),
         )
 
+    def _gathered_table(self) -> Array:
+        """The table in the compute dtype, whole along embed (FSDP all-gathers it here).
+
+        Left sharded along embed, the lookup's output would be split along d_model on the same
+        mesh axis that splits the batch, and XLA would replicate the activations to fix it.
+        """
+        table_VxD = jnp.asarray(self.embedding, dtype_of(self.config.dtype))
+        return nn.with_logical_constraint(table_VxD, ("vocab", None))
+
     def __call__(self, ids_BxL: Array) -> Array:
         """Look up ids and multiply by sqrt(d_model) (section 3.4), in the compute dtype."""
         cfg = self.config
-        table_VxD = jnp.asarray(self.embedding, dtype_of(cfg.dtype))
+        table_VxD = self._gathered_table()
         x_BxLxD = jnp.take(table_VxD, ids_BxL, axis=0)
         return x_BxLxD * jnp.asarray(np.sqrt(cfg.d_model), x_BxLxD.dtype)
 
     def attend(self, y_BxTxD: Array) -> Array:
         """Pre-softmax projection with the shared matrix; float32 logits."""
-        table_VxD = jnp.asarray(self.embedding, dtype_of(self.config.dtype))
+        table_VxD = self._gathered_table()
         return jnp.einsum(
             "BTD,VD->BTV", y_BxTxD, table_VxD, preferred_element_type=jnp.float32
         ).astype(jnp.float32)

@@ -91,8 +91,17 @@ class Checkpointer:
     ) -> tuple[Any, jax.Array | None]:
         """(state in the shardings of abstract_state, saved RNG key); the iterator in place."""
         args = {"state": ocp.args.StandardRestore(abstract_state)}
-        if iterator is not None:
+        # grain keeps one file per process, named for the process count that saved it.
+        data_file = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if iterator is not None and (self.directory / str(step) / "data" / data_file).exists():
             args["data"] = grain.checkpoint.CheckpointRestore(iterator)
+        elif iterator is not None:
+            log.warning(
+                "%s: no data iterator state for %s (saved with another number of processes); "
+                "the training state is restored but the data pipeline starts from its beginning.",
+                self.directory / str(step) / "data",
+                data_file,
+            )
         # Checkpoints written without a key (restore_params users, older runs) still restore.
         has_rng = (self.directory / str(step) / "rng").exists()
         if has_rng:

@@ -47,10 +47,15 @@ class TrainResult:
 
 
 class _Preemption:
-    """SIGTERM (TPU VM maintenance/preemption) sets a flag; the loop saves and exits cleanly."""
+    """SIGTERM (TPU VM maintenance/preemption) sets a flag; the loop saves and exits cleanly.
 
-    def __init__(self) -> None:
+    On several hosts the flag is only acted on at steps where all processes compare theirs
+    (every `sync_every` steps): a host leaving the loop alone would hang the others' collectives.
+    """
+
+    def __init__(self, sync_every: int = 10) -> None:
         self.requested = False
+        self.sync_every = sync_every
         self._previous: Any = None
 
     def __enter__(self) -> _Preemption:
@@ -64,6 +69,17 @@ class _Preemption:
 
     def __exit__(self, *exc: object) -> None:
         signal.signal(signal.SIGTERM, self._previous)
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to save and stop after `step`; every process gets the same answer."""
+        if jax.process_count() == 1:
+            return self.requested
+        if step % self.sync_every:
+            return False
+        # One small host allgather every sync_every steps: any host's signal stops them all.
+        flags = multihost_utils.process_allgather(np.asarray(self.requested))
+        self.requested = bool(np.any(flags))
+        return self.requested
 
 
 def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -147,13 +163,23 @@ def prepare_tokenizer(
             yield source_text
             yield target_text
 
-    tokenizer = load_or_train_tokenizer(
-        workdir,
-        sentences,
-        tok.vocab_size,
-        model_type=tok.model_type,
-        max_sentences=tok.max_sentences,
-    )
+    def load_or_train() -> Tokenizer:
+        return load_or_train_tokenizer(
+            workdir,
+            sentences,
+            tok.vocab_size,
+            model_type=tok.model_type,
+            max_sentences=tok.max_sentences,
+        )
+
+    if jax.process_count() > 1:
+        # Hosts sharing a workdir would race to rename tokenizer.model into place (the loser
+        # fails): process 0 trains it, the others wait, then load it (or train their own if
+        # the workdir is not shared).
+        if jax.process_index() == 0:
+            load_or_train()
+        multihost_utils.sync_global_devices("transformer_jax:tokenizer")
+    tokenizer = load_or_train()
     check_vocab(tokenizer, model_config.vocab_size, str(workdir))
     return tokenizer
 
@@ -179,16 +205,7 @@ def build(config: ml_collections.ConfigDict, model_config: ModelConfig) -> tuple
     mesh = sharding.make_mesh(dict(config.mesh.shape))
     rules = sharding.rules_from_config(config.mesh.logical_axis_rules)
     model = Transformer(model_config)
-    optimizer, schedule = optim.make_optimizer(
-        d_model=model_config.d_model,
-        warmup_steps=config.optim.warmup_steps,
-        learning_rate_scale=config.optim.learning_rate_scale,
-        b1=config.optim.b1,
-        b2=config.optim.b2,
-        eps=config.optim.eps,
-        clip_norm=config.optim.clip_norm,
-        weight_decay=config.optim.weight_decay,
-    )
+    optimizer, schedule = optim.optimizer_from_config(config.optim, model_config.d_model)
     shape = (1, 8)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, state_shardings = sharding.sharded_init(
@@ -498,8 +515,9 @@ def train_and_evaluate(
                     )
                     interval_start = time.perf_counter()
                 ckpt.maybe_save(step, state, train_iter, rng)
-                if preemption.requested or (stop_after is not None and step >= stop_after):
-                    stopped_by = "preempted" if preemption.requested else "stopped"
+                preempted = preemption.should_stop(step)
+                if preempted or (stop_after is not None and step >= stop_after):
+                    stopped_by = "preempted" if preempted else "stopped"
                     break
         ckpt.maybe_save(step, state, train_iter, rng, force=True)
         ckpt.wait()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from transformer_jax.config import PAD_ID
 
@@ -19,8 +18,11 @@ def token_losses(
     vocab = logits_BxTxV.shape[-1]
     log_probs_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
     nll_BxT = -jnp.take_along_axis(log_probs_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-    soft_BxTxV = optax.smooth_labels(jax.nn.one_hot(targets_BxT, vocab), label_smoothing)
-    smoothed_BxT = -jnp.sum(soft_BxTxV * log_probs_BxTxV, axis=-1)
+    # Cross-entropy with optax.smooth_labels' targets (1 - a) one_hot + a / V, expanded so no
+    # [B, T, V] one-hot is built: (1 - a) NLL - (a / V) sum_v log p_v.
+    smoothed_BxT = (1.0 - label_smoothing) * nll_BxT - (label_smoothing / vocab) * jnp.sum(
+        log_probs_BxTxV, axis=-1
+    )
     weights_BxT = (targets_BxT != PAD_ID).astype(jnp.float32)
     return smoothed_BxT * weights_BxT, nll_BxT * weights_BxT, weights_BxT
 

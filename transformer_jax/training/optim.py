@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax.numpy as jnp
 import optax
 
@@ -46,3 +48,19 @@ def make_optimizer(
     else:
         parts.append(optax.adam(schedule, b1=b1, b2=b2, eps=eps))
     return optax.chain(*parts), schedule
+
+
+def optimizer_from_config(
+    optim_config: Any, d_model: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """make_optimizer from a config's `optim` section (train.py and the AOT tool share it)."""
+    return make_optimizer(
+        d_model=d_model,
+        warmup_steps=optim_config.warmup_steps,
+        learning_rate_scale=optim_config.learning_rate_scale,
+        b1=optim_config.b1,
+        b2=optim_config.b2,
+        eps=optim_config.eps,
+        clip_norm=optim_config.clip_norm,
+        weight_decay=optim_config.weight_decay,
+    )

@@ -1,0 +1,177 @@
+"""Train-step throughput at the paper's base shape, side by side with PyTorch nn.Transformer.
+
+    python benchmarks/train_throughput.py [--steps 20] [--warmup 3] [--batch 32] [--length 32]
+        [--dtype float32|bfloat16] [--model base|big] [--no-torch]
+
+Both sides: post-LN, ReLU FFN, d_model 512, 8 heads, d_ff 2048, 6+6 layers, one 37000-word
+embedding tied to source, target and pre-softmax, sinusoidal positions, dropout 0.1,
+label-smoothed (0.1) cross-entropy, Adam(0.9, 0.98, 1e-9). Random token batches of
+batch x length source and target tokens. Prints target tokens/s, step time, achieved TFLOP/s
+(matmul FLOPs of the static shapes, x3 for forward + backward) and MFU where the chip's peak is
+known. PyTorch runs only if it is installed (it is not a project dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transformer_jax.config import ModelConfig
+from transformer_jax.model import Transformer
+from transformer_jax.training import metrics, optim, step
+
+
+def jax_step_time(config: ModelConfig, batch: int, length: int, steps: int, warmup: int) -> float:
+    """Seconds per jitted train step (state donated), after compile and warmup."""
+    model = Transformer(config)
+    optimizer, schedule = optim.make_optimizer(d_model=config.d_model, warmup_steps=4000)
+    state = jax.jit(
+        lambda: nn.unbox(step.init_state(model, optimizer, jax.random.key(0), (1, 8), (1, 8)))
+    )()
+    train_step = jax.jit(
+        step.make_train_step(model, optimizer, schedule, label_smoothing=0.1), donate_argnums=0
+    )
+    rng = np.random.default_rng(0)
+    data = {
+        "inputs": jnp.asarray(rng.integers(4, config.vocab_size, (batch, length)), jnp.int32),
+        "targets": jnp.asarray(rng.integers(4, config.vocab_size, (batch, length)), jnp.int32),
+    }
+    key = jax.random.key(1)
+    for _ in range(warmup):
+        state, m = train_step(state, data, key)
+    jax.block_until_ready(m)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, m = train_step(state, data, key)
+    jax.block_until_ready(m)
+    return (time.perf_counter() - start) / steps
+
+
+def torch_step_time(config: ModelConfig, batch: int, length: int, steps: int, warmup: int) -> float:
+    """Seconds per PyTorch step of nn.Transformer with the same dimensions and recipe."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    d, v = config.d_model, config.vocab_size
+
+    class TorchTransformer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = nn.Embedding(v, d)
+            nn.init.normal_(self.embedding.weight, std=d**-0.5)
+            self.core = nn.Transformer(
+                d_model=d,
+                nhead=config.num_heads,
+                num_encoder_layers=config.num_encoder_layers,
+                num_decoder_layers=config.num_decoder_layers,
+                dim_feedforward=config.d_ff,
+                dropout=config.dropout_rate,
+                activation="relu",
+                batch_first=True,
+                norm_first=False,
+            )
+            position = torch.arange(1024, dtype=torch.float32)[:, None]
+            inv_freq = torch.exp(-math.log(10000.0) * torch.arange(0, d, 2) / d)
+            table = torch.zeros(1024, d)
+            table[:, 0::2] = torch.sin(position * inv_freq)
+            table[:, 1::2] = torch.cos(position * inv_freq)
+            self.register_buffer("positions", table)
+            self.dropout = nn.Dropout(config.dropout_rate)
+
+        def embed(self, ids: Any) -> Any:
+            x = self.embedding(ids) * math.sqrt(d) + self.positions[: ids.shape[1]]
+            return self.dropout(x)
+
+        def forward(self, src: Any, tgt_in: Any) -> Any:
+            mask = self.core.generate_square_subsequent_mask(tgt_in.shape[1])
+            y = self.core(self.embed(src), self.embed(tgt_in), tgt_mask=mask, tgt_is_causal=True)
+            return y @ self.embedding.weight.T  # tied pre-softmax projection
+
+    model = TorchTransformer()
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+    rng = np.random.default_rng(0)
+    src = torch.from_numpy(rng.integers(4, v, (batch, length)))
+    tgt = torch.from_numpy(rng.integers(4, v, (batch, length)))
+    tgt_in = torch.cat([torch.full((batch, 1), 3), tgt[:, :-1]], dim=1)
+
+    def one_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        logits = model(src, tgt_in)
+        loss = loss_fn(logits.reshape(-1, v), tgt.reshape(-1))
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        one_step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    """Run both and print one table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--length", type=int, default=32)
+    parser.add_argument("--model", choices=["base", "big"], default="base")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--attention_impl", choices=["einsum", "dot_product"], default="einsum")
+    parser.add_argument("--no-torch", dest="torch", action="store_false")
+    args = parser.parse_args()
+
+    config = ModelConfig.preset(args.model, dtype=args.dtype, attention_impl=args.attention_impl)
+    device = jax.devices()[0]
+    flops = metrics.train_flops(config, args.batch, args.length, args.length)
+    peak = metrics.peak_tflops(device.device_kind)
+    tokens = args.batch * args.length
+    rows = []
+    seconds = jax_step_time(config, args.batch, args.length, args.steps, args.warmup)
+    rows.append((f"transformer-jax ({args.dtype})", seconds))
+    if args.torch:
+        try:
+            import torch
+
+            # Both sides get every core: XLA's CPU backend uses them all by default.
+            torch.set_num_threads(os.cpu_count() or 1)
+            if args.dtype != "float32" or device.platform != "cpu":
+                print("(PyTorch comparison runs on CPU in float32 only; skipped)")
+            else:
+                t = torch_step_time(config, args.batch, args.length, args.steps, args.warmup)
+                rows.append((f"PyTorch {torch.__version__} nn.Transformer (float32)", t))
+        except ImportError:
+            print("(PyTorch not installed: pip install torch to compare)")
+
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, jax {jax.__version__}, "
+        f"device {device.device_kind} x1; model {args.model} "
+        f"({config.num_encoder_layers}+{config.num_decoder_layers} layers, d {config.d_model}, "
+        f"V {config.vocab_size}); batch {args.batch} x {args.length} src + tgt tokens; "
+        f"{flops / 1e9:.1f} GFLOP per step"
+    )
+    print("| implementation | step time (ms) | target tokens/s | TFLOP/s | MFU |")
+    print("|---|---|---|---|---|")
+    for name, secs in rows:
+        tflops = flops / secs / 1e12
+        mfu = f"{tflops / peak:.1%}" if peak else "n/a (CPU)"
+        print(f"| {name} | {secs * 1e3:.1f} | {tokens / secs:,.0f} | {tflops:.3f} | {mfu} |")
+    if len(rows) == 2:
+        print(f"\ntransformer-jax / PyTorch tokens/s: {rows[1][1] / rows[0][1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

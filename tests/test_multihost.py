@@ -1,0 +1,335 @@
+"""Multi-host training simulated on one machine: 2 processes x 2 CPU devices over gloo.
+
+Each process is a fresh interpreter started with `jax.distributed.initialize` on 127.0.0.1, so
+the real multi-process code paths run: per-process data shards, global arrays from process-local
+rows, orbax saving from every process into one directory, the collective preemption decision.
+Also: a checkpoint saved data-parallel on 4 devices restores onto an 8-device FSDP mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import portpicker
+import pytest
+from conftest import ROOT, checkpoint_params, tiny_train_config
+
+from transformer_jax.training.loop import train_and_evaluate
+
+# argv: process id, process count, coordinator port, then the script's own arguments.
+PREAMBLE = textwrap.dedent(
+    """
+    import json, os, sys, traceback
+    from pathlib import Path
+    import jax
+    import numpy as np
+
+    def exit_now(kind, value, tb):
+        # A normal exit waits for every process at jax's shutdown barrier, so the runner would
+        # only see a failed process once the others finished (or hung in a collective).
+        traceback.print_exception(kind, value, tb)
+        sys.stdout.flush()
+        os._exit(1)
+
+    sys.excepthook = exit_now
+    pid, nproc, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    args = sys.argv[4:]
+    # CPU devices of different processes talk over gloo (TCP), as hosts of a pod talk over DCN.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if nproc > 1:
+        jax.distributed.initialize(
+            coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid,
+            initialization_timeout=60,
+        )
+    assert jax.process_count() == nproc and jax.process_index() == pid
+
+    def report(**values):
+        print("RESULT " + json.dumps(values), flush=True)
+    """
+)
+
+
+def run_processes(
+    script: str, num_processes: int, devices_per_process: int, *args: str, timeout: float = 150
+) -> list[dict]:
+    """Run `script` as num_processes cooperating JAX processes; their report()s, by process.
+
+    Every process is killed if one fails or the time runs out, so a crash cannot leave the
+    others waiting in a collective.
+    """
+    port = str(portpicker.pick_unused_port())
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+        "JAX_PLATFORMS": "cpu",
+    }
+    common = [str(num_processes), port, *args]
+    with tempfile.TemporaryDirectory() as logs:
+        outputs = [Path(logs) / f"process_{i}.log" for i in range(num_processes)]
+        procs = []
+        try:
+            for i, output in enumerate(outputs):
+                with output.open("w") as sink:
+                    procs.append(
+                        subprocess.Popen(
+                            [sys.executable, "-c", PREAMBLE + script, str(i), *common],
+                            cwd=ROOT,
+                            env=env,
+                            stdout=sink,
+                            stderr=subprocess.STDOUT,
+                        )
+                    )
+            deadline = time.monotonic() + timeout
+            while True:
+                codes = [p.poll() for p in procs]  # poll each: it sets returncode
+                if None not in codes or any(codes) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        texts = [output.read_text() for output in outputs]
+    codes = [p.returncode for p in procs]
+    if any(codes):
+        tails = "\n".join(
+            f"--- process {i} (rc {c}):\n{t[-2500:]}"
+            for i, (c, t) in enumerate(zip(codes, texts, strict=True))
+        )
+        raise AssertionError(f"processes failed or timed out after {timeout}s:\n{tails}")
+    return [
+        json.loads(line.removeprefix("RESULT "))
+        for text in texts
+        for line in text.splitlines()
+        if line.startswith("RESULT ")
+    ]
+
+
+STEP_SCRIPT = textwrap.dedent(
+    """
+    import optax
+    import flax.linen as nn
+    from jax.experimental import multihost_utils
+    from transformer_jax.config import ModelConfig
+    from transformer_jax.model import Transformer
+    from transformer_jax.training import optim, sharding, step
+    from transformer_jax.training.loop import _Preemption
+
+    out = Path(args[0])
+    assert jax.device_count() == 4, jax.devices()
+    cfg = ModelConfig.preset("tiny", vocab_size=64, d_model=32, num_heads=4, d_ff=64,
+                             dropout_rate=0.1)
+    model = Transformer(cfg)
+    # The same global batch on every process; each one passes only the rows its devices hold.
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(4, 64, (8, 8)).astype(np.int32),
+             "targets": rng.integers(4, 64, (8, 8)).astype(np.int32)}
+    # data x fsdp: batch rows over all 4 devices, parameters split over fsdp.
+    mesh = sharding.make_mesh({"data": 2, "fsdp": -1})
+    data = sharding.batch_sharding(mesh)
+    index_map = data.addressable_devices_indices_map((8, 8))
+    rows = sorted({r for index in index_map.values() for r in range(*index[0].indices(8))})
+    assert rows == list(range(rows[0], rows[0] + 8 // nproc)), rows
+    local = {k: v[rows[0]:rows[-1] + 1] for k, v in batch.items()}
+    schedule = optim.paper_schedule(d_model=32, warmup_steps=10)
+    losses = {}
+    # SGD: the update is linear in the gradient, so parameters must agree to rounding (Adam's
+    # first step, lr * sign(g), would turn rounding noise in zero gradients into +-lr).
+    for name, opt in (("sgd", optax.sgd(schedule)),):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+            state, shardings = sharding.sharded_init(
+                lambda: step.init_state(model, opt, jax.random.key(0), (1, 8), (1, 8)),
+                mesh, sharding.DEFAULT_RULES)
+            f = jax.jit(step.make_train_step(model, opt, schedule, label_smoothing=0.1),
+                        in_shardings=(shardings, data, sharding.replicated(mesh)),
+                        out_shardings=(shardings, sharding.replicated(mesh)),
+                        donate_argnums=0)
+            losses[name] = []
+            for i in range(3):
+                g = {k: jax.make_array_from_process_local_data(data, v) for k, v in local.items()}
+                state, metrics = f(state, g, jax.random.key(i))
+                losses[name].append(float(metrics["loss_sum"]))
+        # Parameters span both processes; gather them whole on every process to compare.
+        params = multihost_utils.process_allgather(state.params, tiled=True)
+        leaves = {str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(params))}
+        np.savez(out / f"{name}_{nproc}proc_{pid}.npz", **leaves)
+    # A signal on one host stops every host, and only at an agreed step.
+    preemption = _Preemption(sync_every=5)
+    preemption.requested = nproc > 1 and pid == 1
+    stops = [preemption.should_stop(3), preemption.should_stop(5)]
+    report(pid=pid, losses=losses, stops=stops)
+    """
+)
+
+
+def _load_npz(path: Path) -> list[np.ndarray]:
+    with np.load(path) as f:
+        return [f[str(i)] for i in range(len(f.files))]
+
+
+@pytest.mark.slow
+def test_two_processes_step_equals_one_process_four_devices(tmp_path: Path) -> None:
+    single = run_processes(STEP_SCRIPT, 1, 4, str(tmp_path))
+    multi = run_processes(STEP_SCRIPT, 2, 2, str(tmp_path))
+    assert len(single) == 1 and len(multi) == 2
+    ref = single[0]["losses"]
+    for result in multi:
+        # Same program, same data, collectives over gloo instead of in-process.
+        np.testing.assert_allclose(result["losses"]["sgd"], ref["sgd"], rtol=1e-5)
+        assert result["stops"] == [False, True], result
+    assert single[0]["stops"] == [False, False]  # one process: nothing was signalled
+    ref_params = _load_npz(tmp_path / "sgd_1proc_0.npz")
+    for pid in (0, 1):
+        params = _load_npz(tmp_path / f"sgd_2proc_{pid}.npz")
+        assert len(params) == len(ref_params)
+        for a, b in zip(params, ref_params, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+LOOP_SCRIPT = textwrap.dedent(
+    """
+    sys.path.insert(0, "tests")
+    from conftest import tiny_train_config
+    from transformer_jax.training.loop import train_and_evaluate
+
+    corpus, root, mode = Path(args[0]), Path(args[1]), args[2]
+    config = tiny_train_config(corpus)
+    config.data.test_split = ""
+    config.train.num_steps = 4
+    config.train.checkpoint_every = 2
+    config.train.async_checkpointing = True
+    config.train.eval_bleu_sentences = 8  # decoding gathers every host's rows
+    runs = {"first": [("straight", None), ("resumed", 2)], "resume": [("resumed", None)]}[mode]
+    for name, stop_after in runs:
+        result = train_and_evaluate(config, root / name, stop_after=stop_after)
+        report(pid=pid, run=name, step=result.step, stopped_by=result.stopped_by,
+               metrics=result.final_metrics)
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_processes_train_save_and_resume_like_an_uninterrupted_run(
+    small_corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = run_processes(LOOP_SCRIPT, 2, 2, str(small_corpus), str(tmp_path), "first")
+    resumed = run_processes(LOOP_SCRIPT, 2, 2, str(small_corpus), str(tmp_path), "resume")
+    by_run: dict[str, list[dict]] = {}
+    for result in first + resumed:
+        by_run.setdefault(result["run"] + str(result["step"]), []).append(result)
+    straight, stopped, finished = by_run["straight4"], by_run["resumed2"], by_run["resumed4"]
+    assert [r["pid"] for r in straight] == [r["pid"] for r in finished] == [0, 1]
+    assert {r["stopped_by"] for r in stopped} == {"stopped"}
+    # Metrics are global values: both processes see the same, and resuming changes nothing.
+    for key in ("train_loss", "train_grad_norm", "validation_loss", "validation_bleu"):
+        values = {r["metrics"][key] for r in straight + finished}
+        assert len(values) == 1, (key, values)
+    assert np.isfinite(straight[0]["metrics"]["train_loss"])
+    # One checkpoint directory written by both processes, each with its own data iterator state.
+    data = tmp_path / "straight" / "checkpoints" / "2" / "data"
+    assert sorted(p.name for p in data.glob("process_*.json")) == [
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
+    for a, b in zip(
+        checkpoint_params(tmp_path / "straight", 4),
+        checkpoint_params(tmp_path / "resumed", 4),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+    # One process (this one, one device) carries on from the 2-process checkpoint: the state
+    # reshards; the data iterator state, saved per process, cannot apply and restarts (logged).
+    config = tiny_train_config(small_corpus)
+    config.data.test_split = ""
+    config.train.num_steps = 6
+    config.train.eval_bleu_sentences = 8
+    with caplog.at_level(logging.WARNING, logger="transformer_jax.training.checkpoint"):
+        carried_on = train_and_evaluate(config, tmp_path / "straight")
+    assert carried_on.step == 6 and np.isfinite(carried_on.final_metrics["train_loss"])
+    assert "no data iterator state for process_0-of-1.json" in caplog.text
+
+
+CROSS_MESH_SCRIPT = textwrap.dedent(
+    """
+    sys.path.insert(0, "tests")
+    from conftest import tiny_train_config
+    from transformer_jax.data import pipeline
+    from transformer_jax.training import checkpoint, sharding
+    from transformer_jax.training.loop import build, train_and_evaluate, validate_config
+
+    corpus, workdir, mode = Path(args[0]), Path(args[1]), args[2]
+    config = tiny_train_config(corpus)
+    config.data.test_split = ""
+    config.train.num_steps = 4
+    config.train.eval_bleu_sentences = 8
+    if mode == "save":
+        assert jax.device_count() == 4
+        config.mesh.shape = {"data": -1, "fsdp": 1, "tensor": 1}
+    else:
+        assert jax.device_count() == 8
+        config.mesh.shape = {"data": 2, "fsdp": 4, "tensor": 1}
+    # The data iterator state is only meaningful for the same rows per step: 256 tokens make
+    # 8 rows whether they are split over 4 or 8 devices.
+    rows = [pipeline.rows_for_token_budget(256, 48, 1, multiple_of=n) for n in (4, 8)]
+    assert config.data.tokens_per_batch == 256 and rows == [8, 8], rows
+
+    def state_at(step):
+        setup, state = build(config, validate_config(config))
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            state, setup.state_shardings)
+        ckpt = checkpoint.Checkpointer(workdir, save_every=0, max_to_keep=5, async_save=False)
+        restored, _ = ckpt.restore(step, abstract, None)
+        ckpt.close()
+        return restored
+
+    if mode == "save":
+        result = train_and_evaluate(config, workdir, stop_after=2)
+        assert result.step == 2, result
+        saved = state_at(2)
+        np.savez(workdir / "saved.npz",
+                 **{str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(saved))})
+        report(mode=mode, step=result.step)
+    else:
+        restored = state_at(2)
+        with np.load(workdir / "saved.npz") as f:
+            saved = [f[str(i)] for i in range(len(f.files))]
+        leaves = jax.tree.leaves(restored)
+        assert len(leaves) == len(saved)
+        for a, b in zip(leaves, saved):
+            np.testing.assert_array_equal(np.asarray(a), b)
+        per_device = sharding.bytes_per_device(restored.params)
+        total = sum(x.nbytes for x in jax.tree.leaves(restored.params))
+        specs = {str(x.sharding.spec) for x in jax.tree.leaves(restored.params)}
+        result = train_and_evaluate(config, workdir)
+        report(mode=mode, step=result.step, loss=result.final_metrics["train_loss"],
+               validation_loss=result.final_metrics["validation_loss"],
+               max_fraction=max(per_device.values()) / total, devices=len(per_device),
+               fsdp=any("fsdp" in s for s in specs))
+    """
+)
+
+
+@pytest.mark.slow
+def test_checkpoint_from_four_devices_data_parallel_restores_onto_eight_with_fsdp(
+    small_corpus: Path, tmp_path: Path
+) -> None:
+    (saved,) = run_processes(CROSS_MESH_SCRIPT, 1, 4, str(small_corpus), str(tmp_path), "save")
+    assert saved["step"] == 2
+    (resumed,) = run_processes(CROSS_MESH_SCRIPT, 1, 8, str(small_corpus), str(tmp_path), "restore")
+    assert resumed["step"] == 4
+    assert np.isfinite(resumed["loss"]) and np.isfinite(resumed["validation_loss"])
+    # The restored parameters are split over fsdp=4 (replicated over data=2), not whole.
+    assert resumed["fsdp"] and resumed["devices"] == 8
+    assert resumed["max_fraction"] < 0.5, resumed

@@ -1,0 +1,429 @@
+"""Compile the real train step for a Cloud TPU topology on any machine, and say if it fits.
+
+`python -m transformer_jax.aot --config=configs/X.py --topology=v5e-8 [--config.field=value]`
+
+Needs libtpu (`pip install -e ".[tpu]"`), no TPU: `jax.experimental.topologies` gives
+compile-only devices for the named slice, the step is lowered and compiled for them ahead of
+time (AOT), and XLA's own memory and cost analyses give per-chip HBM use, FLOPs and bytes per
+step. The step-time estimate is a roofline: max(FLOPs / peak FLOP/s, bytes / HBM bandwidth),
+ignoring ICI communication, so it is a lower bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.experimental import topologies
+from jax.sharding import Mesh
+
+from transformer_jax.config import ModelConfig
+from transformer_jax.data import pipeline
+from transformer_jax.model import Transformer
+from transformer_jax.training import metrics, optim, sharding
+from transformer_jax.training.step import init_state, make_train_step
+
+GIB = 1024**3
+BATCH_KEYS = (
+    "inputs",
+    "targets",
+    "inputs_segmentation",
+    "targets_segmentation",
+    "inputs_position",
+    "targets_position",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Per-chip figures of one TPU generation (Cloud TPU system architecture pages)."""
+
+    jax_name: str  # Generation prefix of jax topology names ("v5e:2x2").
+    device_kind: str  # jax device_kind, the key into metrics.PEAK_BF16_TFLOPS.
+    hbm_gib: float  # HBM capacity per chip.
+    hbm_gb_per_s: float  # HBM bandwidth per chip, 1e9 bytes/s.
+    dims: int  # 2D torus (v5e, v6e) or 3D (v4, v5p).
+    cores_per_chip: int  # The "-N" suffix of v4/v5p slice names counts TensorCores.
+    accelerator_type: str  # TPU_ACCELERATOR_TYPE prefix ("v5litepod-8").
+
+
+# cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e: HBM 32 / 16 / 95 / 32 GiB per chip and
+# 1200 / 819 / 2765 / 1640 GB/s; v4 and v5p chips hold two TensorCores run as one megacore.
+CHIPS: dict[str, Chip] = {
+    "v4": Chip("v4", "TPU v4", 32.0, 1200.0, 3, 2, "v4"),
+    "v5e": Chip("v5e", "TPU v5 lite", 16.0, 819.0, 2, 1, "v5litepod"),
+    "v5p": Chip("v5p", "TPU v5", 95.0, 2765.0, 3, 2, "v5p"),
+    "v6e": Chip("v6e", "TPU v6 lite", 32.0, 1640.0, 2, 1, "v6e"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A slice: the user-facing name, its chip type and the jax topology string."""
+
+    name: str
+    chip: Chip
+    num_chips: int
+    jax_topology: str
+
+
+@dataclasses.dataclass
+class Report:
+    """What one AOT compile says about a config on a topology (all memory figures per chip)."""
+
+    config: str
+    topology: str
+    jax_topology: str
+    num_chips: int
+    mesh: dict[str, int]
+    rows: int
+    src_len: int
+    tgt_len: int
+    num_params: int
+    argument_gib: float
+    output_gib: float
+    alias_gib: float
+    temp_gib: float
+    code_gib: float
+    peak_gib: float
+    capacity_gib: float
+    flops_per_chip: float
+    model_flops_per_chip: float
+    bytes_per_chip: float
+    peak_tflops: float
+    hbm_gb_per_s: float
+    compute_s: float
+    memory_s: float
+    step_s: float
+    tokens_per_s: float
+    compile_s: float
+
+    @property
+    def fits(self) -> bool:
+        """Whether XLA's peak estimate stays within HBM."""
+        return self.peak_gib <= self.capacity_gib
+
+
+class DoesNotFitError(RuntimeError):
+    """The step needs more HBM per chip than the topology has."""
+
+
+def _torus(num_chips: int, dims: int) -> tuple[int, ...]:
+    """The usual slice shape for a chip count: doubled round-robin, small axes first."""
+    if num_chips < 1 or num_chips & (num_chips - 1):
+        raise ValueError(f"topology: {num_chips} chips is not a power of two")
+    shape = [1] * dims
+    axis = 0
+    while math.prod(shape) < num_chips:
+        shape[axis % dims] *= 2
+        axis += 1
+    if dims == 3 and num_chips == 4:
+        return (2, 2, 1)  # The single-host v4-8 / v5p-8 slice.
+    return tuple(sorted(shape))
+
+
+def parse_topology(name: str) -> Topology:
+    """'v5e-8', 'v4-8', 'v5p-8', 'v6e-8', 'v5e-256' (Cloud TPU names) or 'v5e:2x4' (jax)."""
+    if match := re.fullmatch(r"(v\d+[a-z]?):(\d+(?:x\d+)+)", name):
+        generation, shape_text = match.groups()
+        chip = _chip(generation, name)
+        shape = tuple(int(x) for x in shape_text.split("x"))
+        return Topology(name, chip, math.prod(shape), name)
+    if match := re.fullmatch(r"(v\d+[a-z]?)(?:litepod)?-(\d+)", name):
+        generation, count_text = match.groups()
+        generation = "v5e" if name.startswith("v5litepod") else generation
+        chip = _chip(generation, name)
+        count = int(count_text)
+        if count % chip.cores_per_chip:
+            raise ValueError(
+                f"topology {name!r}: {generation}-N counts TensorCores, N must be even"
+            )
+        num_chips = count // chip.cores_per_chip
+        shape = _torus(num_chips, chip.dims)
+        return Topology(name, chip, num_chips, f"{generation}:" + "x".join(map(str, shape)))
+    raise ValueError(f"topology {name!r}: expected e.g. v5e-8, v4-8, v5p-8, v6e-8 or v5e:2x4")
+
+
+def _chip(generation: str, name: str) -> Chip:
+    if generation not in CHIPS:
+        raise ValueError(f"topology {name!r}: unknown TPU generation; known: {sorted(CHIPS)}")
+    return CHIPS[generation]
+
+
+def topology_devices(topology: Topology) -> list[Any]:
+    """Compile-only TPU devices for the slice (libtpu, no TPU attached)."""
+    # Without a TPU VM's metadata, libtpu logs errors while guessing the host; say it is local.
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # Compiling touches no chip, so several AOT processes (or one beside a training job) may
+    # load libtpu at once instead of failing on /tmp/libtpu_lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    accelerator = topology.chip.accelerator_type
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{accelerator}-{topology.num_chips}")
+    # v4 and v5p VMs run both TensorCores of a chip as one device (megacore), as training does.
+    kwargs = {"chip_config_name": "megacore"} if topology.chip.cores_per_chip == 2 else {}
+    try:
+        description = topologies.get_topology_desc(
+            platform="tpu", topology_name=topology.jax_topology, **kwargs
+        )
+    except (ImportError, RuntimeError) as e:
+        raise RuntimeError(
+            f"could not build TPU topology {topology.jax_topology!r} ({e}); is libtpu installed? "
+            'pip install -e ".[tpu]"'
+        ) from e
+    return list(description.devices)
+
+
+def topology_mesh(config: ml_collections.ConfigDict, devices: list[Any]) -> Mesh:
+    """The config's (data, fsdp, tensor) mesh over compile-only devices, in topology order."""
+    return sharding.make_mesh(dict(config.mesh.shape), devices)
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def compile_train_step(
+    config: ml_collections.ConfigDict, topology: Topology, devices: list[Any]
+) -> tuple[Any, Report]:
+    """Lower and compile the loop's train step for the topology; returns (compiled, report)."""
+    model_config = ModelConfig.from_dict(config.model.to_dict(), source="config.model")
+    mesh = topology_mesh(config, devices)
+    rules = sharding.rules_from_config(config.mesh.logical_axis_rules)
+    model = Transformer(model_config)
+    # The same optimizer as training/loop.py build(), so the state (Adam moments) is the real one.
+    optimizer, schedule = optim.optimizer_from_config(config.optim, model_config.d_model)
+    grad_accum = config.optim.grad_accum_steps
+    num_hosts = len({d.process_index for d in devices})
+    # Rows as train_and_evaluate picks them on each of the slice's hosts.
+    rows_per_host = pipeline.rows_for_token_budget(
+        config.data.tokens_per_batch,
+        config.data.max_target_length,
+        num_hosts,
+        multiple_of=len(devices) // num_hosts * grad_accum,
+    )
+    rows = rows_per_host * num_hosts
+    src_len, tgt_len = config.data.max_source_length, config.data.max_target_length
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(
+            lambda: init_state(model, optimizer, jax.random.key(config.seed), (1, 8), (1, 8))
+        )
+        state_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+        # Unboxing outside a trace must not apply the boxes' sharding constraints.
+        unboxed = jax.tree.map(
+            lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+            boxed,
+            is_leaf=lambda x: isinstance(x, nn.Partitioned),
+        )
+        state = _abstract(unboxed, state_shardings)
+        data_sharding = sharding.batch_sharding(mesh)
+        replicated = sharding.replicated(mesh)
+        batch = {
+            key: jax.ShapeDtypeStruct(
+                (rows, src_len if key.startswith("inputs") else tgt_len),
+                jnp.int32,
+                sharding=data_sharding,
+            )
+            for key in BATCH_KEYS
+        }
+        rng = jax.ShapeDtypeStruct(
+            (), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated
+        )
+        train_step = jax.jit(
+            make_train_step(
+                model,
+                optimizer,
+                schedule,
+                label_smoothing=config.optim.label_smoothing,
+                grad_accum_steps=grad_accum,
+            ),
+            in_shardings=(state_shardings, data_sharding, replicated),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=(0,),
+        )
+        start = time.perf_counter()
+        try:
+            compiled = train_step.lower(state, batch, rng).compile()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower():
+                raise DoesNotFitError(
+                    f"does not fit: XLA could not place the step in {topology.chip.hbm_gib:g} GiB "
+                    f"of HBM per chip on {topology.name}; {_advice()}\nXLA: {_first_line(e)}"
+                ) from e
+            raise
+        compile_s = time.perf_counter() - start
+    report = _report(config, topology, mesh, compiled, model_config, state, rows, compile_s)
+    return compiled, report
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:500]
+
+
+def _advice() -> str:
+    return (
+        "try sharding weights and optimizer state (--config.mesh.shape.fsdp=-1 "
+        "--config.mesh.shape.data=1), a smaller batch (--config.data.tokens_per_batch) or "
+        "gradient accumulation (--config.optim.grad_accum_steps), or a bigger slice"
+    )
+
+
+def _cost(compiled: Any) -> dict[str, float]:
+    cost = compiled.cost_analysis()
+    # Older jax returned one dict per partition in a list; all partitions run the same program.
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+def _report(
+    config: ml_collections.ConfigDict,
+    topology: Topology,
+    mesh: Mesh,
+    compiled: Any,
+    model_config: ModelConfig,
+    state: Any,
+    rows: int,
+    compile_s: float,
+) -> Report:
+    memory = compiled.memory_analysis()
+    arg, out = memory.argument_size_in_bytes, memory.output_size_in_bytes
+    alias, temp = memory.alias_size_in_bytes, memory.temp_size_in_bytes
+    code = memory.generated_code_size_in_bytes
+    # Donated state is aliased to the output, so it is counted once.
+    peak = arg + out - alias + temp + code
+    cost = _cost(compiled)
+    # The compiled SPMD program is one chip's share; cost_analysis counts that program.
+    flops = float(cost.get("flops", 0.0))
+    bytes_accessed = float(cost.get("bytes accessed", 0.0))
+    src_len, tgt_len = config.data.max_source_length, config.data.max_target_length
+    model_flops = metrics.train_flops(model_config, rows, src_len, tgt_len) / topology.num_chips
+    peak_tflops = metrics.peak_tflops(topology.chip.device_kind) or float("nan")
+    compute_s = flops / (peak_tflops * 1e12)
+    memory_s = bytes_accessed / (topology.chip.hbm_gb_per_s * 1e9)
+    step_s = max(compute_s, memory_s)
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+    return Report(
+        config=str(config.get("name", "")) or "",
+        topology=topology.name,
+        jax_topology=topology.jax_topology,
+        num_chips=topology.num_chips,
+        mesh={k: int(v) for k, v in mesh.shape.items()},
+        rows=rows,
+        src_len=src_len,
+        tgt_len=tgt_len,
+        num_params=int(num_params),
+        argument_gib=arg / GIB,
+        output_gib=out / GIB,
+        alias_gib=alias / GIB,
+        temp_gib=temp / GIB,
+        code_gib=code / GIB,
+        peak_gib=peak / GIB,
+        capacity_gib=topology.chip.hbm_gib,
+        flops_per_chip=flops,
+        model_flops_per_chip=model_flops,
+        bytes_per_chip=bytes_accessed,
+        peak_tflops=peak_tflops,
+        hbm_gb_per_s=topology.chip.hbm_gb_per_s,
+        compute_s=compute_s,
+        memory_s=memory_s,
+        step_s=step_s,
+        tokens_per_s=rows * tgt_len / step_s if step_s > 0 else float("nan"),
+        compile_s=compile_s,
+    )
+
+
+def check_fits(report: Report) -> None:
+    """Raise DoesNotFitError with the numbers and what to change when HBM is exceeded."""
+    if not report.fits:
+        raise DoesNotFitError(
+            f"does not fit: needs {report.peak_gib:.2f} GiB per chip, has "
+            f"{report.capacity_gib:g} GiB on {report.topology} (mesh {report.mesh}, "
+            f"{report.rows} rows); {_advice()}"
+        )
+
+
+def format_report(report: Report) -> str:
+    """The human-readable summary the command prints."""
+    r = report
+    flops_ratio = r.flops_per_chip / r.model_flops_per_chip if r.model_flops_per_chip else math.nan
+    lines = [
+        f"topology      {r.topology} = {r.jax_topology}: {r.num_chips} chips, mesh {r.mesh}",
+        f"batch         {r.rows} rows x ({r.src_len} src + {r.tgt_len} tgt) tokens; "
+        f"{r.num_params:,} parameters",
+        f"HBM per chip  {r.peak_gib:.2f} GiB of {r.capacity_gib:g} GiB "
+        f"({100 * r.peak_gib / r.capacity_gib:.0f}%): arguments {r.argument_gib:.2f} + outputs "
+        f"{r.output_gib:.2f} - aliased {r.alias_gib:.2f} + temporaries {r.temp_gib:.2f} "
+        f"+ code {r.code_gib:.3f}",
+        f"FLOPs/step    {r.flops_per_chip / 1e9:,.1f} GFLOP per chip (XLA); "
+        f"{r.model_flops_per_chip / 1e9:,.1f} GFLOP from metrics.train_flops "
+        f"(ratio {flops_ratio:.2f})",
+        f"HBM traffic   {r.bytes_per_chip / 1e9:,.2f} GB per chip per step",
+        f"roofline      {1e3 * r.step_s:.2f} ms/step = max(compute {1e3 * r.compute_s:.2f} ms at "
+        f"{r.peak_tflops:g} TFLOP/s, memory {1e3 * r.memory_s:.2f} ms at "
+        f"{r.hbm_gb_per_s:g} GB/s); no ICI time, so a lower bound",
+        f"throughput    <= {r.tokens_per_s:,.0f} target tokens/s (padded slots) on the slice",
+        f"compiled in   {r.compile_s:.1f} s",
+        "fits" if r.fits else "DOES NOT FIT",
+    ]
+    return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, topology_name: str) -> Report:
+    """Compile the train step of `config` for `topology_name` and return the report."""
+    topology = parse_topology(topology_name)
+    devices = topology_devices(topology)
+    _, report = compile_train_step(config, topology, devices)
+    return report
+
+
+def main() -> None:
+    """absl entry point: flags --config (file, with --config.x=y overrides), --topology, --json."""
+    # Compile-only devices need no accelerator; on a TPU VM do not grab the chips a training
+    # job may be using.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from transformer_jax.cli import quiet_libraries
+
+    config_flag = config_flags.DEFINE_config_file(
+        "config", "configs/default.py", "Experiment config file (a get_config() module)."
+    )
+    topology_flag = flags.DEFINE_string(
+        "topology", None, "TPU slice: v5e-8, v4-8, v5p-8, v6e-8, v5e-256, ... or v5e:2x4."
+    )
+    json_flag = flags.DEFINE_bool("json", False, "Print the report as one JSON object.")
+    flags.mark_flag_as_required("topology")
+
+    def _main(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        quiet_libraries()
+        try:
+            report = run(config_flag.value, str(topology_flag.value))
+            print(
+                json.dumps(dataclasses.asdict(report)) if json_flag.value else format_report(report)
+            )
+            check_fits(report)
+        except (DoesNotFitError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+
+    app.run(_main)
+
+
+if __name__ == "__main__":
+    main()
