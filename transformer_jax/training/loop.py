@@ -544,7 +544,6 @@ def train_and_evaluate(
             config,
             writer,
             step,
-            bleu_limit=config.train.eval_bleu_sentences,
         )
     )
     final.update(_final_test(setup, state, tokenizer, config, writer, step, workdir))
@@ -605,12 +604,11 @@ def _periodic_eval(
     config: ml_collections.ConfigDict,
     writer: metrics.MetricWriter,
     step: int,
-    bleu_limit: int | None = None,
 ) -> dict[str, float]:
     """Validation loss over the whole split and greedy sacreBLEU on its first sentences."""
     start = time.perf_counter()
     values = evaluate_loss(setup, state.params, valid_batches)
-    limit = bleu_limit if bleu_limit is not None else config.train.eval_bleu_sentences
+    limit = config.train.eval_bleu_sentences
     bleu, signature, _, subset = evaluate_bleu(
         setup, state.params, valid_pairs, tokenizer, config, limit
     )
