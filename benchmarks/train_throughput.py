@@ -1,23 +1,30 @@
 """Train-step throughput at the paper's base shape, side by side with PyTorch nn.Transformer.
 
-    python benchmarks/train_throughput.py [--steps 20] [--warmup 3] [--batch 32] [--length 32]
-        [--dtype float32|bfloat16] [--model base|big] [--no-torch]
+    python benchmarks/train_throughput.py [--rounds 5] [--steps 4] [--warmup 2] [--batch 32]
+        [--length 32] [--dtype float32|bfloat16] [--model base|big] [--no-torch]
 
 Both sides: post-LN, ReLU FFN, d_model 512, 8 heads, d_ff 2048, 6+6 layers, one 37000-word
 embedding tied to source, target and pre-softmax, sinusoidal positions, dropout 0.1,
 label-smoothed (0.1) cross-entropy, Adam(0.9, 0.98, 1e-9). Random token batches of
-batch x length source and target tokens. Prints target tokens/s, step time, achieved TFLOP/s
-(matmul FLOPs of the static shapes, x3 for forward + backward) and MFU where the chip's peak is
-known. PyTorch runs only if it is installed (it is not a project dependency).
+batch x length source and target tokens. Each side runs in its own process (sharing one process
+slows both), timed in alternating rounds so both see the same drift in machine load. The table
+reports each side's median round: target tokens/s, step time, achieved TFLOP/s (matmul FLOPs
+of the static shapes, x3 for forward + backward) and MFU where the chip's peak is known.
+PyTorch runs only if it is installed (it is not a project dependency).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import platform
+import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -30,8 +37,8 @@ from transformer_jax.model import Transformer
 from transformer_jax.training import metrics, optim, step
 
 
-def jax_step_time(config: ModelConfig, batch: int, length: int, steps: int, warmup: int) -> float:
-    """Seconds per jitted train step (state donated), after compile and warmup."""
+def jax_runner(config: ModelConfig, batch: int, length: int, warmup: int) -> Callable[[int], float]:
+    """Compile and warm up the jitted train step (state donated); returns steps -> seconds/step."""
     model = Transformer(config)
     optimizer, schedule = optim.make_optimizer(d_model=config.d_model, warmup_steps=4000)
     state = jax.jit(
@@ -46,18 +53,25 @@ def jax_step_time(config: ModelConfig, batch: int, length: int, steps: int, warm
         "targets": jnp.asarray(rng.integers(4, config.vocab_size, (batch, length)), jnp.int32),
     }
     key = jax.random.key(1)
-    for _ in range(warmup):
-        state, m = train_step(state, data, key)
-    jax.block_until_ready(m)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, m = train_step(state, data, key)
-    jax.block_until_ready(m)
-    return (time.perf_counter() - start) / steps
+    carry = {"state": state}
+
+    def run(steps: int) -> float:
+        state = carry["state"]
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, m = train_step(state, data, key)
+        jax.block_until_ready(m)
+        carry["state"] = state
+        return (time.perf_counter() - start) / steps
+
+    run(warmup)
+    return run
 
 
-def torch_step_time(config: ModelConfig, batch: int, length: int, steps: int, warmup: int) -> float:
-    """Seconds per PyTorch step of nn.Transformer with the same dimensions and recipe."""
+def torch_runner(
+    config: ModelConfig, batch: int, length: int, warmup: int
+) -> Callable[[int], float]:
+    """PyTorch nn.Transformer with the same dimensions and recipe; returns steps -> s/step."""
     import torch
     from torch import nn
 
@@ -113,64 +127,135 @@ def torch_step_time(config: ModelConfig, batch: int, length: int, steps: int, wa
         loss.backward()
         opt.step()
 
-    for _ in range(warmup):
-        one_step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        one_step()
-    return (time.perf_counter() - start) / steps
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            one_step()
+        return (time.perf_counter() - start) / steps
+
+    run(warmup)
+    return run
+
+
+def worker(args: argparse.Namespace, config: ModelConfig) -> None:
+    """Child process: build one implementation, then time a round per 'run' line on stdin."""
+    if args.worker == "jax":
+        run = jax_runner(config, args.batch, args.length, args.warmup)
+        name = f"transformer-jax ({args.dtype})"
+    else:
+        import torch
+
+        # Both sides get every core: XLA's CPU backend uses them all by default.
+        torch.set_num_threads(os.cpu_count() or 1)
+        run = torch_runner(config, args.batch, args.length, args.warmup)
+        name = f"PyTorch {torch.__version__} nn.Transformer (float32)"
+    print(f"ready {name}", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        print(run(args.steps), flush=True)
 
 
 def main() -> None:
-    """Run both and print one table."""
+    """Time both implementations in alternating rounds and print one table of medians."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="train steps per timed round")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per implementation")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=32)
     parser.add_argument("--model", choices=["base", "big"], default="base")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--attention_impl", choices=["einsum", "dot_product"], default="einsum")
     parser.add_argument("--no-torch", dest="torch", action="store_false")
+    parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     config = ModelConfig.preset(args.model, dtype=args.dtype, attention_impl=args.attention_impl)
+    if args.worker:
+        worker(args, config)
+        return
     device = jax.devices()[0]
     flops = metrics.train_flops(config, args.batch, args.length, args.length)
     peak = metrics.peak_tflops(device.device_kind)
     tokens = args.batch * args.length
-    rows = []
-    seconds = jax_step_time(config, args.batch, args.length, args.steps, args.warmup)
-    rows.append((f"transformer-jax ({args.dtype})", seconds))
-    if args.torch:
-        try:
-            import torch
 
-            # Both sides get every core: XLA's CPU backend uses them all by default.
-            torch.set_num_threads(os.cpu_count() or 1)
-            if args.dtype != "float32" or device.platform != "cpu":
-                print("(PyTorch comparison runs on CPU in float32 only; skipped)")
-            else:
-                t = torch_step_time(config, args.batch, args.length, args.steps, args.warmup)
-                rows.append((f"PyTorch {torch.__version__} nn.Transformer (float32)", t))
-        except ImportError:
+    sides = ["jax"]
+    if args.torch:
+        if importlib.util.find_spec("torch") is None:
             print("(PyTorch not installed: pip install torch to compare)")
+        elif args.dtype != "float32" or device.platform != "cpu":
+            print("(PyTorch comparison runs on CPU in float32 only; skipped)")
+        else:
+            sides.append("torch")
+    # One process per implementation: loaded into one process, PyTorch's OpenMP threads and
+    # XLA's thread pool slow each other down (by 5-25% here, depending on which ran first).
+    # Each child builds and warms up, then waits on stdin, so only one of them runs at a time.
+    passthrough = [a for a in sys.argv[1:] if not a.startswith("--worker")]
+    workers: dict[str, subprocess.Popen[str]] = {}
+    names: dict[str, str] = {}
+    for side in sides:
+        workers[side] = subprocess.Popen(
+            [sys.executable, __file__, *passthrough, "--worker", side],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        names[side] = _reply(workers[side]).removeprefix("ready ")  # Built one at a time.
+
+    # Alternating rounds expose both sides to the same drift in machine load; the median of
+    # each side's rounds is what the table reports, the spread shows how noisy the machine was.
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    for round_index in range(args.rounds):
+        for side, process in workers.items():
+            time.sleep(1.0)  # Let the other side's threads stop spinning and go idle.
+            assert process.stdin is not None
+            process.stdin.write("run\n")
+            process.stdin.flush()
+            times[side].append(float(_reply(process)))
+        print(
+            f"round {round_index + 1}/{args.rounds}: "
+            + ", ".join(f"{side} {times[side][-1]:.3f} s/step" for side in sides),
+            flush=True,
+        )
+    for process in workers.values():
+        assert process.stdin is not None
+        process.stdin.close()
+        process.wait()
 
     print(
-        f"\nmachine: {platform.processor() or platform.machine()}, jax {jax.__version__}, "
-        f"device {device.device_kind} x1; model {args.model} "
+        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"jax {jax.__version__}, device {device.device_kind} x1; model {args.model} "
         f"({config.num_encoder_layers}+{config.num_decoder_layers} layers, d {config.d_model}, "
         f"V {config.vocab_size}); batch {args.batch} x {args.length} src + tgt tokens; "
-        f"{flops / 1e9:.1f} GFLOP per step"
+        f"{flops / 1e9:.1f} GFLOP per step; median of {args.rounds} rounds x {args.steps} steps"
     )
-    print("| implementation | step time (ms) | target tokens/s | TFLOP/s | MFU |")
+    print("| implementation | step time (ms), median [min-max] | target tokens/s | TFLOP/s | MFU |")
     print("|---|---|---|---|---|")
-    for name, secs in rows:
-        tflops = flops / secs / 1e12
+    medians = {}
+    for side, secs in times.items():
+        medians[side] = median = statistics.median(secs)
+        tflops = flops / median / 1e12
         mfu = f"{tflops / peak:.1%}" if peak else "n/a (CPU)"
-        print(f"| {name} | {secs * 1e3:.1f} | {tokens / secs:,.0f} | {tflops:.3f} | {mfu} |")
-    if len(rows) == 2:
-        print(f"\ntransformer-jax / PyTorch tokens/s: {rows[1][1] / rows[0][1]:.2f}x")
+        print(
+            f"| {names[side]} | {median * 1e3:.1f} [{min(secs) * 1e3:.0f}-{max(secs) * 1e3:.0f}] "
+            f"| {tokens / median:,.0f} | {tflops:.3f} | {mfu} |"
+        )
+    if len(medians) == 2:
+        paired = sorted(t / j for j, t in zip(times["jax"], times["torch"], strict=True))
+        print(
+            f"\ntransformer-jax / PyTorch tokens/s: {medians['torch'] / medians['jax']:.2f}x "
+            f"(per-round ratios {paired[0]:.2f}-{paired[-1]:.2f})"
+        )
+
+
+def _reply(process: subprocess.Popen[str]) -> str:
+    """The worker's next stdout line; a worker that died is an error with its exit code."""
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line:
+        raise RuntimeError(f"benchmark worker {process.args!r} exited with {process.wait()}")
+    return line.strip()
 
 
 if __name__ == "__main__":

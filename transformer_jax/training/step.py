@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from transformer_jax.config import PAD_ID
 from transformer_jax.model import Transformer
 from transformer_jax.training.loss import loss_sums
 
@@ -81,24 +82,29 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch, Array], tuple[TrainState, Metrics]]:
     """Build the pure train step; the global batch is split into grad_accum_steps micro-batches.
 
-    Gradients of summed token losses are accumulated and divided once by the total number of
-    real target tokens, so k micro-steps give exactly the update of one k-times-larger batch
-    (optax.MultiSteps averages per-micro-batch means, which differs when token counts differ).
+    Gradients of summed token losses, scaled by 1 / (real target tokens in the whole batch),
+    are accumulated over micro-batches, so k micro-steps give exactly the update of one
+    k-times-larger batch (optax.MultiSteps averages per-micro-batch means, which differs when
+    token counts differ).
     """
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
 
-    def loss_fn(params: Any, batch: Batch, rng: Array) -> tuple[Array, Metrics]:
+    def loss_fn(params: Any, batch: Batch, rng: Array, scale: Array) -> tuple[Array, Metrics]:
         logits = forward(model, params, batch, deterministic=False, rngs={"dropout": rng})
         sums = loss_sums(logits, batch["targets"], label_smoothing)
-        return sums["loss_sum"], sums
+        return sums["loss_sum"] * scale, sums
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch, rng: Array) -> tuple[TrainState, Metrics]:
         step_rng = jax.random.fold_in(rng, state.step)
+        # The token count of the whole batch is known before any gradient; scaling the loss by
+        # its inverse gives per-token-mean gradients directly, without a pass over the grads.
+        num_tokens = jnp.sum(batch["targets"] != PAD_ID).astype(jnp.float32)
+        scale = 1.0 / jnp.maximum(num_tokens, 1.0)
         if grad_accum_steps == 1:
-            grads, sums = grad_fn(state.params, batch, step_rng)
+            grads, sums = grad_fn(state.params, batch, step_rng, scale)
         else:
             k = grad_accum_steps
             # Row j of micro-batch i is global row j*k + i: every device keeps a share of every
@@ -109,7 +115,7 @@ def make_train_step(
                 carry: tuple[Any, Metrics], xs: tuple[Batch, Array]
             ) -> tuple[tuple[Any, Metrics], None]:
                 micro_batch, i = xs
-                g, s = grad_fn(state.params, micro_batch, jax.random.fold_in(step_rng, i))
+                g, s = grad_fn(state.params, micro_batch, jax.random.fold_in(step_rng, i), scale)
                 return jax.tree.map(jnp.add, carry, (g, s)), None
 
             zeros = (
@@ -118,7 +124,6 @@ def make_train_step(
             )
             zeros = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zeros)
             (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(k)))
-        grads = jax.tree.map(lambda g: g / jnp.maximum(sums["num_tokens"], 1.0), grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
