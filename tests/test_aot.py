@@ -85,3 +85,26 @@ def test_cli_exits_nonzero_when_it_does_not_fit() -> None:
     assert result.returncode != 0, result.stdout + result.stderr
     assert "does not fit" in result.stderr
     assert "16 GiB" in result.stderr and "fsdp" in result.stderr
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_memory_benchmark_shows_remat_saving_activations() -> None:
+    # benchmarks/memory_vs_length.py on the default model: at long rows the saved activations
+    # dominate, and full remat must cut the temporaries while the token budget stays fixed.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import memory_vs_length
+
+    base = memory_vs_length.load_config(str(ROOT / "configs" / "default.py"))
+    results = {
+        remat: memory_vs_length.measure(
+            memory_vs_length.sized(base, 512, remat, "einsum", 16384), "v5e:2x2", "default"
+        )
+        for remat in ("none", "full")
+    }
+    for result in results.values():
+        assert result["fits"] and (result["src_len"], result["tgt_len"]) == (512, 512)
+        assert result["rows"] == 36  # 16384 tokens at 90% fill, rounded up to 4 devices.
+    assert results["full"]["temp_gib"] < 0.7 * results["none"]["temp_gib"]
+    # Recomputing the forward pass costs FLOPs: about 4/3 of the plain step.
+    assert results["full"]["flops_per_chip"] > 1.2 * results["none"]["flops_per_chip"]

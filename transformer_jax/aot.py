@@ -414,6 +414,9 @@ def main() -> None:
         quiet_libraries()
         try:
             report = run(config_flag.value, str(topology_flag.value))
+            # Name the report after the file the user passed (configs carry no name field).
+            config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+            report = dataclasses.replace(report, config=report.config or config_file)
             print(
                 json.dumps(dataclasses.asdict(report)) if json_flag.value else format_report(report)
             )

@@ -43,7 +43,7 @@ def _cross_entropy_fwd_parts(
     """(smoothed, NLL, softmax probabilities); the probabilities are the backward residual."""
     logits_BxTxV = logits_BxTxV.astype(jnp.float32)
     vocab = logits_BxTxV.shape[-1]
-    max_BxT = jax.lax.stop_gradient(jnp.max(logits_BxTxV, axis=-1))
+    max_BxT = jnp.max(logits_BxTxV, axis=-1)
     exp_BxTxV = jnp.exp(logits_BxTxV - max_BxT[..., None])
     sum_exp_BxT = jnp.sum(exp_BxTxV, axis=-1)
     lse_BxT = max_BxT + jnp.log(sum_exp_BxT)
