@@ -34,14 +34,6 @@ from transformer_jax.training import metrics, optim, sharding
 from transformer_jax.training.step import init_state, make_train_step
 
 GIB = 1024**3
-BATCH_KEYS = (
-    "inputs",
-    "targets",
-    "inputs_segmentation",
-    "targets_segmentation",
-    "inputs_position",
-    "targets_position",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,7 +228,7 @@ def compile_train_step(
                 jnp.int32,
                 sharding=data_sharding,
             )
-            for key in BATCH_KEYS
+            for key in pipeline.BATCH_KEYS
         }
         rng = jax.ShapeDtypeStruct(
             (), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated

@@ -57,6 +57,8 @@ _RENAMES = {
     "targets_segment_ids": "targets_segmentation",
     "targets_positions": "targets_position",
 }
+# The six [rows, length] int32 arrays of every packed batch (the train step's input contract).
+BATCH_KEYS = tuple(_RENAMES.values())
 
 
 # ---------------------------------------------------------------------------------------------
