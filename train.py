@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from transformer_jax import cpu_malloc
 from transformer_jax.training.loop import new_workdir, train_and_evaluate
 
 log = logging.getLogger("transformer_jax.train")
@@ -32,6 +34,9 @@ def main(argv: list[str]) -> None:
     """Parse flags and hand over to the library."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    # On CPU, restart once with malloc tunables so XLA reuses each step's temporaries instead of
+    # page-faulting them in again (transformer_jax/cpu_malloc.py).
+    cpu_malloc.reexec_if_useful()
     # Orbax and grain log every save at INFO through absl; keep their warnings, show ours.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("transformer_jax").setLevel(logging.INFO)
@@ -41,6 +46,13 @@ def main(argv: list[str]) -> None:
             raise app.UsageError("--distributed needs --workdir (the same path on every host)")
         jax.distributed.initialize()
         log.info("Process %d of %d", jax.process_index(), jax.process_count())
+    if cpu_malloc.applied():
+        log.info(
+            "CPU: restarted with GLIBC_TUNABLES=%s so step buffers are reused "
+            "(%s=0 turns this off)",
+            os.environ.get("GLIBC_TUNABLES"),
+            cpu_malloc.OPT_OUT,
+        )
     workdir = _WORKDIR.value or str(new_workdir())
     log.info("Workdir: %s", workdir)
     result = train_and_evaluate(_CONFIG.value, workdir)

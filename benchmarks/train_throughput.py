@@ -2,15 +2,20 @@
 
     python benchmarks/train_throughput.py [--rounds 5] [--steps 4] [--warmup 2] [--batch 32]
         [--length 32] [--dtype float32|bfloat16] [--model base|big] [--no-torch]
+        [--torch_malloc]
 
 Both sides: post-LN, ReLU FFN, d_model 512, 8 heads, d_ff 2048, 6+6 layers, one 37000-word
-embedding tied to source, target and pre-softmax, sinusoidal positions, dropout 0.1,
-label-smoothed (0.1) cross-entropy, Adam(0.9, 0.98, 1e-9). Random token batches of
-batch x length source and target tokens. Each side runs in its own process (sharing one process
-slows both), timed in alternating rounds so both see the same drift in machine load. The table
-reports each side's median round: target tokens/s, step time, achieved TFLOP/s (matmul FLOPs
-of the static shapes, x3 for forward + backward) and MFU where the chip's peak is known.
-PyTorch runs only if it is installed (it is not a project dependency).
+embedding tied to source, target and pre-softmax, sinusoidal positions, dropout 0.1 on
+sublayer outputs and embeddings only (the paper's sites; PyTorch's attention and FFN dropouts
+are set to transformer-jax's rates, 0), label-smoothed (0.1) cross-entropy,
+Adam(0.9, 0.98, 1e-9). Random token batches of batch x length source and target tokens. Each
+side runs in its own process (sharing one process slows both), timed in alternating rounds so
+both see the same drift in machine load. The table reports each side's median round: target
+tokens/s, step time, achieved TFLOP/s (matmul FLOPs of the static shapes, x3 for forward +
+backward) and MFU where the chip's peak is known.
+PyTorch runs only if it is installed (it is not a project dependency). On CPU the
+transformer-jax worker gets the glibc malloc tunables that train.py applies (cpu_malloc.py);
+--torch_malloc gives PyTorch the same, for a like-for-like allocator.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer_jax import cpu_malloc
 from transformer_jax.config import ModelConfig
 from transformer_jax.model import Transformer
 from transformer_jax.training import metrics, optim, step
@@ -94,6 +100,14 @@ def torch_runner(
                 batch_first=True,
                 norm_first=False,
             )
+            # nn.Transformer drops at one rate everywhere; match transformer-jax's sites: the
+            # residual (sublayer-output) dropouts at dropout_rate, attention weights and the FFN
+            # hidden layer at their own rates (0 in the paper's recipe).
+            for layer in [*self.core.encoder.layers, *self.core.decoder.layers]:
+                layer.dropout.p = config.relu_dropout_rate
+                layer.self_attn.dropout = config.attention_dropout_rate
+                if hasattr(layer, "multihead_attn"):
+                    layer.multihead_attn.dropout = config.attention_dropout_rate
             position = torch.arange(1024, dtype=torch.float32)[:, None]
             inv_freq = torch.exp(-math.log(10000.0) * torch.arange(0, d, 2) / d)
             table = torch.zeros(1024, d)
@@ -168,6 +182,11 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--attention_impl", choices=["einsum", "dot_product"], default="einsum")
     parser.add_argument("--no-torch", dest="torch", action="store_false")
+    parser.add_argument(
+        "--torch_malloc",
+        action="store_true",
+        help="give PyTorch transformer-jax's glibc malloc tunables (default: as installed)",
+    )
     parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -194,14 +213,23 @@ def main() -> None:
     passthrough = [a for a in sys.argv[1:] if not a.startswith("--worker")]
     workers: dict[str, subprocess.Popen[str]] = {}
     names: dict[str, str] = {}
+    # transformer-jax runs as train.py runs it, with the malloc tunables of cpu_malloc.py where
+    # they apply; PyTorch runs as installed unless --torch_malloc gives it the same.
+    tuned = cpu_malloc.tuned_env(
+        os.environ, glibc=cpu_malloc.is_glibc(), accelerator=cpu_malloc.accelerator_present()
+    )
     for side in sides:
+        env = tuned if side == "jax" or args.torch_malloc else None
         workers[side] = subprocess.Popen(
             [sys.executable, __file__, *passthrough, "--worker", side],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            env=env,
         )
         names[side] = _reply(workers[side]).removeprefix("ready ")  # Built one at a time.
+        if env is not None:
+            names[side] += ", tuned malloc"
 
     # Alternating rounds expose both sides to the same drift in machine load; the median of
     # each side's rounds is what the table reports, the spread shows how noisy the machine was.

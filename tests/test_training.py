@@ -19,6 +19,7 @@ import optax
 import pytest
 from conftest import ROOT, checkpoint_params, tiny_train_config
 
+from transformer_jax import cpu_malloc
 from transformer_jax.config import PAD_ID, ModelConfig
 from transformer_jax.model import Transformer
 from transformer_jax.training import loss, optim, step
@@ -353,6 +354,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(small_corpus: Path, tmp_path:
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and steps[-1] >= 3, steps
     assert "preempted" in rest
+    child_env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    if cpu_malloc.tuned_env(child_env, glibc=cpu_malloc.is_glibc(), accelerator=False):
+        # train.py restarted itself with the malloc tunables (same pid: SIGTERM still landed).
+        assert "restarted with GLIBC_TUNABLES" in "".join(seen), "".join(seen[:20])
 
 
 def _load_config_file(path: Path):
