@@ -25,6 +25,7 @@ import importlib.util
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -167,7 +168,11 @@ def worker(args: argparse.Namespace, config: ModelConfig) -> None:
     for line in sys.stdin:
         if line.strip() != "run":
             break
-        print(run(args.steps), flush=True)
+        # Minor page faults per step next to the time: on CPU they show what the allocator costs.
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        seconds = run(args.steps)
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
+        print(seconds, faults, flush=True)
 
 
 def main() -> None:
@@ -234,13 +239,16 @@ def main() -> None:
     # Alternating rounds expose both sides to the same drift in machine load; the median of
     # each side's rounds is what the table reports, the spread shows how noisy the machine was.
     times: dict[str, list[float]] = {side: [] for side in sides}
+    faults: dict[str, list[float]] = {side: [] for side in sides}
     for round_index in range(args.rounds):
         for side, process in workers.items():
             time.sleep(1.0)  # Let the other side's threads stop spinning and go idle.
             assert process.stdin is not None
             process.stdin.write("run\n")
             process.stdin.flush()
-            times[side].append(float(_reply(process)))
+            seconds, side_faults = map(float, _reply(process).split())
+            times[side].append(seconds)
+            faults[side].append(side_faults)
         print(
             f"round {round_index + 1}/{args.rounds}: "
             + ", ".join(f"{side} {times[side][-1]:.3f} s/step" for side in sides),
@@ -258,8 +266,11 @@ def main() -> None:
         f"V {config.vocab_size}); batch {args.batch} x {args.length} src + tgt tokens; "
         f"{flops / 1e9:.1f} GFLOP per step; median of {args.rounds} rounds x {args.steps} steps"
     )
-    print("| implementation | step time (ms), median [min-max] | target tokens/s | TFLOP/s | MFU |")
-    print("|---|---|---|---|---|")
+    print(
+        "| implementation | step time (ms), median [min-max] | target tokens/s | TFLOP/s | MFU "
+        "| page faults/step |"
+    )
+    print("|---|---|---|---|---|---|")
     medians = {}
     for side, secs in times.items():
         medians[side] = median = statistics.median(secs)
@@ -267,7 +278,8 @@ def main() -> None:
         mfu = f"{tflops / peak:.1%}" if peak else "n/a (CPU)"
         print(
             f"| {names[side]} | {median * 1e3:.1f} [{min(secs) * 1e3:.0f}-{max(secs) * 1e3:.0f}] "
-            f"| {tokens / median:,.0f} | {tflops:.3f} | {mfu} |"
+            f"| {tokens / median:,.0f} | {tflops:.3f} | {mfu} "
+            f"| {statistics.median(faults[side]):,.0f} |"
         )
     if len(medians) == 2:
         paired = sorted(t / j for j, t in zip(times["jax"], times["torch"], strict=True))

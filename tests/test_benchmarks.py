@@ -1,0 +1,33 @@
+"""The train-throughput benchmark runs end to end (JAX side) and prints its table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+
+@pytest.mark.slow
+def test_train_throughput_prints_a_table_with_page_faults() -> None:
+    small = ["--rounds", "2", "--steps", "1", "--warmup", "1", "--batch", "2", "--length", "8"]
+    out = subprocess.run(
+        [sys.executable, "benchmarks/train_throughput.py", "--no-torch", *small],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| transformer-jax")]
+    assert len(rows) == 1, out.stdout
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert len(cells) == 6, cells
+    step_ms = float(cells[1].split()[0])
+    tokens_per_s = float(cells[2].replace(",", ""))
+    assert step_ms > 0 and tokens_per_s == pytest.approx(2 * 8 / (step_ms / 1e3), rel=0.01, abs=1)
+    assert float(cells[5].replace(",", "")) >= 0  # page faults per step
