@@ -220,9 +220,7 @@ def main() -> None:
     names: dict[str, str] = {}
     # transformer-jax runs as train.py runs it, with the malloc tunables of cpu_malloc.py where
     # they apply; PyTorch runs as installed unless --torch_malloc gives it the same.
-    tuned = cpu_malloc.tuned_env(
-        os.environ, glibc=cpu_malloc.is_glibc(), accelerator=cpu_malloc.accelerator_present()
-    )
+    tuned = cpu_malloc.tuned_env_here()
     for side in sides:
         env = tuned if side == "jax" or args.torch_malloc else None
         workers[side] = subprocess.Popen(

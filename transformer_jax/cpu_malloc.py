@@ -67,12 +67,17 @@ def tuned_env(
     return env
 
 
+def tuned_env_here() -> dict[str, str] | None:
+    """tuned_env for this process: its environment, C library and device nodes."""
+    return tuned_env(os.environ, glibc=is_glibc(), accelerator=accelerator_present())
+
+
 def reexec_if_useful() -> None:
     """Restart this process once with TUNABLES set; a no-op wherever tuned_env says no.
 
-    Call it first in a `__main__` block, before threads start or files open.
+    Call it before any real work: everything done so far in the process is done again.
     """
-    env = tuned_env(os.environ, glibc=is_glibc(), accelerator=accelerator_present())
+    env = tuned_env_here()
     if env is None:
         return
     sys.stdout.flush()
