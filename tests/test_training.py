@@ -495,3 +495,44 @@ def test_checkpoint_round_trips_state_rng_and_iterator(tmp_path: Path) -> None:
     assert [next(restored_iterator) for _ in range(3)] == expected_next
     assert restored_rng is not None
     np.testing.assert_array_equal(jax.random.key_data(restored_rng), jax.random.key_data(rng))
+
+
+def test_cloud_workdir_stays_a_url_and_its_files_go_through_epath(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from etils import epath
+
+    from transformer_jax.training import checkpoint
+
+    # pathlib made gs://bucket/run a local ./gs:/bucket/run on each host of a pod.
+    url = checkpoint.workdir_path("gs://bucket/run")
+    assert os.fspath(url) == "gs://bucket/run"
+    assert os.fspath(url / checkpoint.CHECKPOINT_DIR) == "gs://bucket/run/checkpoints"
+    monkeypatch.chdir(tmp_path)
+    assert os.fspath(checkpoint.workdir_path("runs/x")) == str(tmp_path / "runs" / "x")
+
+    # Stand-in bucket: epath's gs:// backend redirected to a local folder.
+    bucket = tmp_path / "bucket-store"
+
+    def local(path: object) -> str:
+        text = os.fspath(path)  # type: ignore[call-overload]
+        return text.replace("gs://", f"{bucket}/") if text.startswith("gs://") else text
+
+    def one(fn, path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return fn(local(path), *args, **kwargs)
+
+    def two(fn, path, dst, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return fn(local(path), local(dst), *args, **kwargs)
+
+    mocks = dict.fromkeys(("open", "exists", "isdir", "listdir", "makedirs", "mkdir"), one)
+    with epath.testing.mock_epath(**mocks, replace=two, rename=two):  # type: ignore[arg-type]
+        url.mkdir(parents=True)  # as train_and_evaluate does first
+        checkpoint.write_model_config("gs://bucket/run", SMALL)
+        checkpoint.write_model_config("gs://bucket/run", SMALL)  # the same model: accepted
+        with pytest.raises(ValueError, match=r"gs://bucket/run/model_config\.json"):
+            checkpoint.write_model_config("gs://bucket/run", SMALL.replace(d_ff=64))
+        assert checkpoint.checkpoint_steps("gs://bucket/run") == []
+        with pytest.raises(FileNotFoundError, match="gs://bucket/run/checkpoints: no checkpoints"):
+            checkpoint.restore_params("gs://bucket/run", None, {})
+    assert ModelConfig.load(bucket / "bucket" / "run" / "model_config.json") == SMALL
+    assert not (tmp_path / "gs:").exists()

@@ -8,16 +8,18 @@ tokenizer and one params-only checkpoint, so load/translate/evaluate take it as 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
+
+from etils import epath
 
 from transformer_jax.cli import quiet_libraries
 
 
-def average_checkpoints(workdir: Path, steps: Sequence[int], output: Path) -> Path:
+def average_checkpoints(
+    workdir: epath.Path, steps: Sequence[int], output: epath.Path
+) -> epath.Path:
     """Write the elementwise mean of the given steps' parameters as a new workdir."""
     import jax
     import numpy as np
@@ -45,10 +47,8 @@ def average_checkpoints(workdir: Path, steps: Sequence[int], output: Path) -> Pa
         "config.json",
     ):
         if (workdir / name).exists():
-            shutil.copy2(workdir / name, output / name)
-    (output / "averaged_from.txt").write_text(
-        f"{workdir.absolute()} steps {', '.join(map(str, steps))}\n"
-    )
+            (workdir / name).copy(output / name, overwrite=True)
+    (output / "averaged_from.txt").write_text(f"{workdir} steps {', '.join(map(str, steps))}\n")
     checkpoint.save_params(output, max(steps), mean)
     return output
 
@@ -62,9 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_libraries()
 
-    from transformer_jax.training.checkpoint import checkpoint_steps
+    from transformer_jax.training.checkpoint import checkpoint_steps, workdir_path
 
-    workdir = Path(args.workdir)
+    workdir = workdir_path(args.workdir)
     steps = checkpoint_steps(workdir)
     if args.last < 1:
         parser.error("--last must be at least 1")
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{workdir}: {len(steps)} checkpoint(s) ({steps}) but --last {args.last} asked; "
             "raise train.max_to_keep or average fewer"
         )
-    output = Path(args.output or workdir / f"averaged_last{args.last}")
+    output = workdir_path(args.output or workdir / f"averaged_last{args.last}")
     if (output / "checkpoints").exists():
         raise SystemExit(f"{output}: already holds checkpoints; remove it or pass --output")
     chosen = steps[-args.last :]

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
+
+from etils import epath
 
 PAD_ID = 0
 EOS_ID = 1
@@ -141,15 +142,15 @@ class ModelConfig:
             )
         return cls(**values)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: epath.PathLike) -> None:
         """Write as JSON (the workdir's model_config.json)."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        epath.Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> ModelConfig:
+    def load(cls, path: epath.PathLike) -> ModelConfig:
         """Read a JSON file written by save()."""
         try:
-            values = json.loads(Path(path).read_text())
+            values = json.loads(epath.Path(path).read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e}); the model config is corrupt") from e
         return cls.from_dict(values, source=str(path))

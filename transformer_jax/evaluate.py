@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from etils import epath
+
 from transformer_jax.cli import add_decoding_flags, decoding_kwargs, quiet_libraries
 
 
@@ -33,7 +35,7 @@ def score(hypotheses: list[str], references: list[str]) -> dict[str, object]:
     }
 
 
-def workdir_pairs(workdir: Path, split: str) -> list[tuple[str, str]]:
+def workdir_pairs(workdir: epath.Path, split: str) -> list[tuple[str, str]]:
     """The split from the data source recorded in the workdir's config.json."""
     import ml_collections
 
@@ -79,8 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries()
 
     from transformer_jax.inference.translator import load
+    from transformer_jax.training.checkpoint import workdir_path
 
-    workdir = Path(args.workdir)
+    workdir = workdir_path(args.workdir)
     if args.source:
         sources, references = read_text(args.source), read_text(args.reference)
         if len(sources) != len(references):
@@ -97,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sources, references = sources[: args.limit], references[: args.limit]
     translator = load(workdir, args.step)
     hypotheses = translator.translate(sources, progress=True, **decoding_kwargs(args))
-    output = Path(args.output or workdir / f"{name}.step{translator.step}.hyp.txt")
+    output = workdir_path(args.output or workdir / f"{name}.step{translator.step}.hyp.txt")
     output.write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
     result = score(hypotheses, references)
     result.update(

@@ -7,13 +7,13 @@ import functools
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -48,7 +48,7 @@ class Translator:
     params: Any
     tokenizer: Tokenizer
     step: int
-    workdir: Path
+    workdir: epath.Path
     mesh: Mesh
     rules: sharding.LogicalRules
     _compiled: dict[tuple[Any, ...], Callable[..., Any]] = dataclasses.field(
@@ -228,7 +228,7 @@ def abstract_params(config: ModelConfig, mesh: Mesh, rules: sharding.LogicalRule
 
 
 def load(
-    workdir: str | Path,
+    workdir: epath.PathLike,
     step: int | None = None,
     *,
     mesh_shape: dict[str, int] | None = None,
@@ -240,7 +240,7 @@ def load(
     model_config.json, so nothing has to be repeated. mesh_shape defaults to all devices in
     data parallel (parameters replicated); pass e.g. {"data": 1, "fsdp": -1} to shard them.
     """
-    workdir = Path(workdir)
+    workdir = checkpoint.workdir_path(workdir)
     config_path = workdir / checkpoint.MODEL_CONFIG_FILE
     if not config_path.exists():
         raise FileNotFoundError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
+import os
 from typing import Any
 
 import grain
@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from transformer_jax.config import ModelConfig
 
@@ -20,6 +21,19 @@ log = logging.getLogger(__name__)
 MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_FILE = "tokenizer.model"
 CHECKPOINT_DIR = "checkpoints"
+
+
+def workdir_path(workdir: str | os.PathLike[str]) -> epath.Path:
+    """The workdir as an epath.Path: URLs (gs://...) kept whole, local paths made absolute.
+
+    pathlib would turn gs://bucket/run into ./gs:/bucket/run, a local folder on each host, so
+    a pod would silently keep one checkpoint directory per host.
+    """
+    text = os.fspath(workdir)
+    if "://" in text:
+        return epath.Path(text)
+    # orbax wants absolute paths, and they name the same place after a chdir.
+    return epath.Path(os.path.abspath(text))
 
 
 class _IteratorSnapshot:
@@ -36,9 +50,14 @@ class Checkpointer:
     """Saves {state, data iterator} every N steps (async) and restores the latest."""
 
     def __init__(
-        self, workdir: Path, *, save_every: int, max_to_keep: int, async_save: bool = True
+        self,
+        workdir: str | os.PathLike[str],
+        *,
+        save_every: int,
+        max_to_keep: int,
+        async_save: bool = True,
     ) -> None:
-        self.directory = (Path(workdir) / CHECKPOINT_DIR).absolute()
+        self.directory = workdir_path(workdir) / CHECKPOINT_DIR
         self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
@@ -123,9 +142,9 @@ class Checkpointer:
         self.manager.close()
 
 
-def write_model_config(workdir: Path, config: ModelConfig) -> None:
+def write_model_config(workdir: str | os.PathLike[str], config: ModelConfig) -> None:
     """Store the model config, or check it equals the one already there."""
-    path = Path(workdir) / MODEL_CONFIG_FILE
+    path = workdir_path(workdir) / MODEL_CONFIG_FILE
     if path.exists():
         stored = ModelConfig.load(path)
         if stored != config:
@@ -145,9 +164,9 @@ def write_model_config(workdir: Path, config: ModelConfig) -> None:
         tmp.replace(path)
 
 
-def checkpoint_steps(workdir: Path) -> list[int]:
+def checkpoint_steps(workdir: str | os.PathLike[str]) -> list[int]:
     """Steps with a finished checkpoint in workdir/checkpoints, oldest first."""
-    directory = Path(workdir) / CHECKPOINT_DIR
+    directory = workdir_path(workdir) / CHECKPOINT_DIR
     if not directory.is_dir():
         return []
     return sorted(
@@ -155,15 +174,18 @@ def checkpoint_steps(workdir: Path) -> list[int]:
     )
 
 
-def restore_params(workdir: Path, step: int | None, abstract_params: Any) -> tuple[Any, int]:
+def restore_params(
+    workdir: str | os.PathLike[str], step: int | None, abstract_params: Any
+) -> tuple[Any, int]:
     """Only the parameters of one checkpoint (default: the newest), into abstract's shardings.
 
     Reads params alone (partial restore), so the optimizer's moments never reach memory.
     """
+    directory = workdir_path(workdir) / CHECKPOINT_DIR
     steps = checkpoint_steps(workdir)
     if not steps:
         raise FileNotFoundError(
-            f"{Path(workdir) / CHECKPOINT_DIR}: no checkpoints; train first "
+            f"{directory}: no checkpoints; train first "
             f"(python train.py --workdir={workdir}) or point at a workdir that has them"
         )
     if step is None:
@@ -171,7 +193,7 @@ def restore_params(workdir: Path, step: int | None, abstract_params: Any) -> tup
     elif step not in steps:
         raise ValueError(f"{workdir}: no checkpoint for step {step}; saved steps are {steps}")
     manager = ocp.CheckpointManager(
-        (Path(workdir) / CHECKPOINT_DIR).absolute(),
+        directory,
         options=ocp.CheckpointManagerOptions(create=False),
         item_handlers={"state": ocp.PyTreeCheckpointHandler()},
     )
@@ -189,7 +211,7 @@ def restore_params(workdir: Path, step: int | None, abstract_params: Any) -> tup
         )
     except (ValueError, KeyError) as e:
         raise ValueError(
-            f"{Path(workdir) / CHECKPOINT_DIR / str(step)}: its parameters do not fit "
+            f"{directory / str(step)}: its parameters do not fit "
             f"{MODEL_CONFIG_FILE} ({e}); the checkpoint and the model config disagree"
         ) from e
     finally:
@@ -197,10 +219,10 @@ def restore_params(workdir: Path, step: int | None, abstract_params: Any) -> tup
     return restored["state"]["params"], step
 
 
-def save_params(workdir: Path, step: int, params: Any) -> None:
+def save_params(workdir: str | os.PathLike[str], step: int, params: Any) -> None:
     """Write a params-only checkpoint (averaged weights) that load() and evaluate read."""
     manager = ocp.CheckpointManager(
-        (Path(workdir) / CHECKPOINT_DIR).absolute(),
+        workdir_path(workdir) / CHECKPOINT_DIR,
         options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
         item_handlers={"state": ocp.StandardCheckpointHandler()},
     )

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import sacrebleu
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
@@ -43,7 +44,7 @@ class TrainResult:
     step: int
     stopped_by: str  # "finished" | "preempted"
     final_metrics: dict[str, float]
-    workdir: Path
+    workdir: epath.Path
 
 
 class _Preemption:
@@ -151,7 +152,7 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> Sequence[Pair]:
 
 def prepare_tokenizer(
     config: ml_collections.ConfigDict,
-    workdir: Path,
+    workdir: epath.Path,
     train_pairs: Sequence[Pair],
     model_config: ModelConfig,
 ) -> Tokenizer:
@@ -351,7 +352,7 @@ def _float_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
     return summary
 
 
-def _check_finite(values: dict[str, float], step: int, workdir: Path) -> None:
+def _check_finite(values: dict[str, float], step: int, workdir: epath.Path) -> None:
     """Stop with a message naming the step when the loss stops being a number."""
     bad = [k for k in ("loss", "nll", "grad_norm") if not math.isfinite(values.get(k, 0.0))]
     if bad:
@@ -374,14 +375,17 @@ def new_workdir(root: str = "runs") -> Path:
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: int | None = None
+    config: ml_collections.ConfigDict,
+    workdir: epath.PathLike,
+    *,
+    stop_after: int | None = None,
 ) -> TrainResult:
     """Train from config into workdir (resuming from its latest checkpoint), then evaluate.
 
     stop_after: stop (saving a checkpoint) once this step is reached, as an interruption would;
     used to test that resuming reaches exactly the uninterrupted result.
     """
-    workdir = Path(workdir)
+    workdir = checkpoint.workdir_path(workdir)
     model_config = validate_config(config)
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint.write_model_config(workdir, model_config)
@@ -636,7 +640,7 @@ def _final_test(
     config: ml_collections.ConfigDict,
     writer: metrics.MetricWriter,
     step: int,
-    workdir: Path,
+    workdir: epath.Path,
 ) -> dict[str, float]:
     """Decode the whole test split, print samples, write hypotheses and the score."""
     if not config.data.test_split:

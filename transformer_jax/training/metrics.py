@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
@@ -64,7 +64,7 @@ def train_flops(config: ModelConfig, rows: int, src_len: int, tgt_len: int) -> f
 class MetricWriter:
     """TensorBoard scalars (process 0 only); a no-op elsewhere or without tensorboardX."""
 
-    def __init__(self, logdir: Path) -> None:
+    def __init__(self, logdir: os.PathLike[str] | str) -> None:
         self._writer: Any = None
         if jax.process_index() != 0:
             return
@@ -73,7 +73,7 @@ class MetricWriter:
         except ImportError:  # the base install has it; stay usable if someone removed it
             log.warning("tensorboardX is not installed; TensorBoard logging is off")
             return
-        self._writer = SummaryWriter(str(logdir))
+        self._writer = SummaryWriter(os.fspath(logdir))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """Write one value per tag at this step."""
