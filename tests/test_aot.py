@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,34 @@ import pytest
 from transformer_jax import aot
 
 ROOT = Path(__file__).resolve().parents[1]
+HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
+# The [dev] extra installs libtpu where wheels exist (Linux x86-64); CI must run these tests.
+LIBTPU_EXPECTED = (
+    os.environ.get("CI") == "true" and sys.platform == "linux" and (platform.machine() == "x86_64")
+)
 needs_libtpu = pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None,
+    not HAVE_LIBTPU,
     reason='libtpu is not installed (pip install -e ".[dev]" brings it); AOT compiles need it',
 )
+
+
+def test_ci_has_libtpu_so_the_aot_tests_run() -> None:
+    if LIBTPU_EXPECTED:
+        assert HAVE_LIBTPU, 'CI on Linux x86-64 must install libtpu (pip install -e ".[dev]")'
+
+
+def test_missing_libtpu_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jax.experimental import topologies
+
+    def no_libtpu(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Unable to initialize backend 'tpu'")
+
+    monkeypatch.setattr(topologies, "get_topology_desc", no_libtpu)
+    # topology_devices sets these only if unset; the monkeypatch restores them afterwards.
+    for name in ("TPU_WORKER_HOSTNAMES", "ALLOW_MULTIPLE_LIBTPU_LOAD", "TPU_ACCELERATOR_TYPE"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    with pytest.raises(aot.TopologyError, match=r"v5e:2x2.*is libtpu installed"):
+        aot.topology_devices(aot.parse_topology("v5e-4"))
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from transformer_jax.model import (
 )
 from transformer_jax.model.attention import einsum_attention, fused_attention
 from transformer_jax.model.layers import sinusoidal_encoding
+from transformer_jax.training import sharding
 
 SMALL = ModelConfig.preset(
     "tiny",
@@ -99,6 +100,22 @@ def test_every_parameter_has_logical_axis_names() -> None:
     names = {n for x in leaves for n in x.names if n is not None}
     assert {"vocab", "embed", "mlp", "heads", "kv"} <= names
     assert not names & {"data", "fsdp", "tensor"}
+    # Config rules may only name these (rules_from_config refuses others), so all must be there.
+    assert names <= sharding.LOGICAL_AXES
+
+
+def test_rules_from_config_refuses_unknown_names() -> None:
+    assert sharding.rules_from_config(None) == sharding.DEFAULT_RULES
+    assert sharding.rules_from_config([["embed", ["data", "fsdp"]], ["vocab", None]]) == (
+        ("embed", ("data", "fsdp")),
+        ("vocab", None),
+    )
+    with pytest.raises(ValueError, match=r"unknown logical axis 'embd'.*'embed'"):
+        sharding.rules_from_config([["embd", "fsdp"]])
+    with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
+        sharding.rules_from_config([["mlp", "model"]])
+    with pytest.raises(ValueError, match="each rule is"):
+        sharding.rules_from_config([["mlp"]])
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -122,7 +122,7 @@ STEP_SCRIPT = textwrap.dedent(
     from jax.experimental import multihost_utils
     from transformer_jax.config import ModelConfig
     from transformer_jax.model import Transformer
-    from transformer_jax.training import optim, sharding, step
+    from transformer_jax.training import checkpoint, optim, sharding, step
     from transformer_jax.training.loop import _Preemption
 
     out = Path(args[0])
@@ -134,8 +134,9 @@ STEP_SCRIPT = textwrap.dedent(
     rng = np.random.default_rng(0)
     batch = {"inputs": rng.integers(4, 64, (8, 8)).astype(np.int32),
              "targets": rng.integers(4, 64, (8, 8)).astype(np.int32)}
-    # data x fsdp: batch rows over all 4 devices, parameters split over fsdp.
-    mesh = sharding.make_mesh({"data": 2, "fsdp": -1})
+    # FSDP over all 4 devices: batch rows and parameters (and Adam state) split across both
+    # processes, so the step's collectives and the checkpoint's shards cross processes.
+    mesh = sharding.make_mesh({"data": 1, "fsdp": -1})
     data = sharding.batch_sharding(mesh)
     index_map = data.addressable_devices_indices_map((8, 8))
     rows = sorted({r for index in index_map.values() for r in range(*index[0].indices(8))})
@@ -155,10 +156,33 @@ STEP_SCRIPT = textwrap.dedent(
                         out_shardings=(shardings, sharding.replicated(mesh)),
                         donate_argnums=0)
             losses[name] = []
-            for i in range(3):
-                g = {k: jax.make_array_from_process_local_data(data, v) for k, v in local.items()}
-                state, metrics = f(state, g, jax.random.key(i))
-                losses[name].append(float(metrics["loss_sum"]))
+
+            def train(state, steps):
+                for i in steps:
+                    g = {k: jax.make_array_from_process_local_data(data, v)
+                         for k, v in local.items()}
+                    state, metrics = f(state, g, jax.random.key(i))
+                    losses[name].append(float(metrics["loss_sum"]))
+                return state
+
+            state = train(state, range(2))
+            # Every process saves its shards into one directory; a fresh state restores them.
+            workdir = out / f"{name}_{nproc}proc"
+            ckpt = checkpoint.Checkpointer(workdir, save_every=1, max_to_keep=1,
+                                           async_save=True)
+            ckpt.maybe_save(2, state, None)
+            ckpt.wait()
+            abstract = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+            del state
+            state, _ = ckpt.restore(2, abstract, None)
+            ckpt.close()
+            state = train(state, range(2, 4))
+        # Bytes of distinct parameter slices this process holds (a replicated leaf counts once).
+        local_bytes = sum(
+            sum({str(sh.index): sh.data.nbytes for sh in x.addressable_shards}.values())
+            for x in jax.tree.leaves(state.params))
+        whole_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
         # Parameters span both processes; gather them whole on every process to compare.
         params = multihost_utils.process_allgather(state.params, tiled=True)
         leaves = {str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(params))}
@@ -167,7 +191,14 @@ STEP_SCRIPT = textwrap.dedent(
     preemption = _Preemption(sync_every=5)
     preemption.requested = nproc > 1 and pid == 1
     stops = [preemption.should_stop(3), preemption.should_stop(5)]
-    report(pid=pid, losses=losses, stops=stops)
+    # A 'tensor' group spanning processes would get different rows from each: refused.
+    try:
+        sharding.check_mesh_feeds_consistent_rows(sharding.make_mesh({"data": 1, "tensor": -1}))
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
+    report(pid=pid, losses=losses, stops=stops, local_fraction=local_bytes / whole_bytes,
+           refused=refused)
     """
 )
 
@@ -183,11 +214,23 @@ def test_two_processes_step_equals_one_process_four_devices(tmp_path: Path) -> N
     multi = run_processes(STEP_SCRIPT, 2, 2, str(tmp_path))
     assert len(single) == 1 and len(multi) == 2
     ref = single[0]["losses"]
+    assert len(ref["sgd"]) == 4
     for result in multi:
-        # Same program, same data, collectives over gloo instead of in-process.
+        # Same program, same data, collectives over gloo instead of in-process; steps 3 and 4
+        # run on the state each side saved and restored with orbax.
         np.testing.assert_allclose(result["losses"]["sgd"], ref["sgd"], rtol=1e-5)
         assert result["stops"] == [False, True], result
+        # Each process holds about half the parameters (biases and LayerNorms are whole).
+        assert result["local_fraction"] < 0.6, result
+        assert "Keep 'tensor' within one host" in result["refused"], result
     assert single[0]["stops"] == [False, False]  # one process: nothing was signalled
+    assert single[0]["refused"] == "" and single[0]["local_fraction"] == 1.0
+    # Both processes wrote their own shards of the one checkpoint.
+    state_dir = tmp_path / "sgd_2proc" / "checkpoints" / "2" / "state"
+    assert {p.name for p in state_dir.glob("ocdbt.process_*")} >= {
+        "ocdbt.process_0",
+        "ocdbt.process_1",
+    }, sorted(p.name for p in state_dir.iterdir())
     ref_params = _load_npz(tmp_path / "sgd_1proc_0.npz")
     for pid in (0, 1):
         params = _load_npz(tmp_path / f"sgd_2proc_{pid}.npz")

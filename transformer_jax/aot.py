@@ -110,6 +110,10 @@ class DoesNotFitError(RuntimeError):
     """The step needs more HBM per chip than the topology has."""
 
 
+class TopologyError(RuntimeError):
+    """libtpu could not describe the topology (not installed, or an unknown slice)."""
+
+
 def _torus(num_chips: int, dims: int) -> tuple[int, ...]:
     """The usual slice shape for a chip count: doubled round-robin, small axes first."""
     if num_chips < 1 or num_chips & (num_chips - 1):
@@ -168,7 +172,7 @@ def topology_devices(topology: Topology) -> list[Any]:
             platform="tpu", topology_name=topology.jax_topology, **kwargs
         )
     except (ImportError, RuntimeError) as e:
-        raise RuntimeError(
+        raise TopologyError(
             f"could not build TPU topology {topology.jax_topology!r} ({e}); is libtpu installed? "
             'pip install -e ".[tpu]"'
         ) from e
@@ -177,7 +181,10 @@ def topology_devices(topology: Topology) -> list[Any]:
 
 def topology_mesh(config: ml_collections.ConfigDict, devices: list[Any]) -> Mesh:
     """The config's (data, fsdp, tensor) mesh over compile-only devices, in topology order."""
-    return sharding.make_mesh(dict(config.mesh.shape), devices)
+    mesh = sharding.make_mesh(dict(config.mesh.shape), devices)
+    # train.py would refuse this mesh on the pod (rows fed per host); say so here first.
+    sharding.check_mesh_feeds_consistent_rows(mesh)
+    return mesh
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -413,7 +420,7 @@ def main() -> None:
                 json.dumps(dataclasses.asdict(report)) if json_flag.value else format_report(report)
             )
             check_fits(report)
-        except (DoesNotFitError, ValueError) as e:
+        except (DoesNotFitError, TopologyError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
 

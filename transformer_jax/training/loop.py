@@ -204,6 +204,7 @@ class Setup:
 def build(config: ml_collections.ConfigDict, model_config: ModelConfig) -> tuple[Setup, Any]:
     """Mesh, sharded initial state and the jitted steps."""
     mesh = sharding.make_mesh(dict(config.mesh.shape))
+    sharding.check_mesh_feeds_consistent_rows(mesh)
     rules = sharding.rules_from_config(config.mesh.logical_axis_rules)
     model = Transformer(model_config)
     optimizer, schedule = optim.optimizer_from_config(config.optim, model_config.d_model)

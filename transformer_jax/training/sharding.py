@@ -35,6 +35,9 @@ DEFAULT_RULES: LogicalRules = (
 )
 
 
+LOGICAL_AXES = frozenset(name for name, _ in DEFAULT_RULES)
+
+
 def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
     """Fill the one -1 entry so the product equals the device count; explain any mismatch."""
     unknown = set(shape) - set(MESH_AXES)
@@ -80,6 +83,12 @@ def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> LogicalRules:
         if len(rule) != 2:
             raise ValueError(f"mesh.logical_axis_rules: each rule is (logical, mesh), got {rule}")
         logical, mesh_axes = rule
+        if logical not in LOGICAL_AXES:
+            # flax would leave an unknown name unused, so a typo would silently replicate.
+            raise ValueError(
+                f"mesh.logical_axis_rules: unknown logical axis {logical!r}; the model's are "
+                f"{sorted(LOGICAL_AXES)}"
+            )
         if isinstance(mesh_axes, list):
             mesh_axes = tuple(mesh_axes)
         for axis in mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,):
@@ -89,6 +98,34 @@ def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> LogicalRules:
                 )
         normalized.append((logical, mesh_axes))
     return tuple(normalized)
+
+
+def check_rows_stay_on_one_process(process_ids_DxFxT: np.ndarray) -> None:
+    """Refuse a mesh where devices holding the same batch rows belong to different processes.
+
+    process_ids_DxFxT: the process index of each device, laid out as the mesh (data, fsdp,
+    tensor). Batch rows are split over data x fsdp only, so the devices along 'tensor' share
+    rows. Each process builds its own rows from its own data shard; if a 'tensor' group spans
+    processes, those processes would feed different rows into what must be one copy.
+    """
+    data, fsdp, tensor = process_ids_DxFxT.shape
+    groups = process_ids_DxFxT.reshape(data * fsdp, tensor)
+    for row_block, owners in enumerate(groups):
+        if len(set(owners.tolist())) > 1:
+            raise ValueError(
+                f"mesh.shape {{'data': {data}, 'fsdp': {fsdp}, 'tensor': {tensor}}}: the devices "
+                f"sharing batch row block {row_block} (along 'tensor') belong to processes "
+                f"{sorted(set(owners.tolist()))}, but each process feeds its own rows. Keep "
+                "'tensor' within one host (at most its local device count, "
+                f"{jax.local_device_count()} here) and put the other devices on 'data' or "
+                "'fsdp'."
+            )
+
+
+def check_mesh_feeds_consistent_rows(mesh: Mesh) -> None:
+    """check_rows_stay_on_one_process for a ('data', 'fsdp', 'tensor') mesh."""
+    ids = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
+    check_rows_stay_on_one_process(ids)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
