@@ -5,7 +5,9 @@
         [--attention_impl einsum] [--tokens_per_batch 25000] [--jsonl out.jsonl]
 
 Compiles the real train step ahead of time for a TPU slice (libtpu, no TPU needed; see
-docs/tpu.md) at each (length, remat) pair and prints XLA's per-chip HBM use. Source and target
+docs/tpu.md) at each (length, remat) pair and prints XLA's per-chip HBM use. `--topology local`
+compiles for this machine's own devices instead (a GPU, where `--attention_impl dot_product`
+takes cuDNN's fused attention; on CPU, host memory). Source and target
 rows both get `length` tokens; the batch keeps `tokens_per_batch` target tokens (rounded up to
 whole rows per chip), so every row of the table trains on about the same number of tokens and
 only the shape changes: fewer, longer rows. Attention scores grow as rows x length^2, so this
@@ -23,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 
 from transformer_jax import aot
@@ -69,16 +72,18 @@ def measure(config: ml_collections.ConfigDict, topology: str, name: str) -> dict
 
 def main() -> None:
     """Compile every (length, remat) pair and print one table."""
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # Compile-only TPU devices need no chip.
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/wmt14_ende_base.py")
-    parser.add_argument("--topology", default="v5e-8")
+    parser.add_argument("--topology", default="v5e-8", help="a TPU slice, or 'local'")
     parser.add_argument("--lengths", default="256,1024,4096")
     parser.add_argument("--remat", default="none,full,dots")
     parser.add_argument("--attention_impl", choices=["einsum", "dot_product"], default="einsum")
     parser.add_argument("--tokens_per_batch", type=int, default=None)
     parser.add_argument("--jsonl", default=None, help="also append each result as a JSON line")
     args = parser.parse_args()
+    # Compile-only TPU devices need no chip (and jax read the variable at import).
+    if args.topology != "local" and "JAX_PLATFORMS" not in os.environ:
+        jax.config.update("jax_platforms", "cpu")
 
     base = load_config(args.config)
     tokens = args.tokens_per_batch or int(base.data.tokens_per_batch)
@@ -115,7 +120,7 @@ def main() -> None:
             continue
         print(
             f"| {r['length']} | {r['rows']} | {r['remat']} | {r['peak_gib']:.2f} of "
-            f"{r['capacity_gib']:g} | {r['temp_gib']:.2f} | {'yes' if r['fits'] else 'no'} | "
+            f"{r['capacity_gib']:.4g} | {r['temp_gib']:.2f} | {'yes' if r['fits'] else 'no'} | "
             f"{r['flops_per_chip'] / 1e9:,.0f} | {r['compile_s']:.0f} |"
         )
 

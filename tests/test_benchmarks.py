@@ -1,4 +1,4 @@
-"""The train-throughput benchmark runs end to end (JAX side) and prints its table."""
+"""The benchmarks run end to end (JAX side, small shapes) and print their tables."""
 
 from __future__ import annotations
 
@@ -31,3 +31,29 @@ def test_train_throughput_prints_a_table_with_page_faults() -> None:
     tokens_per_s = float(cells[2].replace(",", ""))
     assert step_ms > 0 and tokens_per_s == pytest.approx(2 * 8 / (step_ms / 1e3), rel=0.01, abs=1)
     assert float(cells[5].replace(",", "")) >= 0  # page faults per step
+
+
+@pytest.mark.slow
+def test_memory_benchmark_measures_this_machines_devices() -> None:
+    # --topology local is the GPU path of the memory table; on CPU it compiles for the host.
+    args = ["--config", "configs/default.py", "--topology", "local", "--lengths", "32,128"]
+    out = subprocess.run(
+        [sys.executable, "benchmarks/memory_vs_length.py", *args, "--remat", "none"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| 32 ")]
+    rows += [line for line in out.stdout.splitlines() if line.startswith("| 128 ")]
+    assert len(rows) == 2, out.stdout
+    temps = []
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[2] == "none" and cells[5] == "yes", cells
+        temps.append(float(cells[4]))
+    # Same tokens per step in longer rows: attention scores grow with length, so temporaries do.
+    assert 0 < temps[0] < temps[1], temps

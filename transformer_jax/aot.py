@@ -150,6 +150,25 @@ def parse_topology(name: str) -> Topology:
     raise ValueError(f"topology {name!r}: expected e.g. v5e-8, v4-8, v5p-8, v6e-8 or v5e:2x4")
 
 
+# Local accelerators for `--topology=local` (benchmarks on a lent GPU): HBM bandwidth, 1e9
+# bytes/s, from NVIDIA's data sheets (H100 SXM 3.35 TB/s, H200 4.8 TB/s, A100 80GB 2.04 TB/s).
+LOCAL_HBM_GB_PER_S: dict[str, float] = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
+
+
+def local_topology() -> Topology:
+    """The devices of this process (a GPU, or CPU devices) described as a Topology."""
+    devices = jax.local_devices()
+    kind = devices[0].device_kind
+    stats = devices[0].memory_stats() or {}
+    # GPUs report their usable memory; CPU devices share the host's RAM, so that is the limit.
+    capacity = stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    bandwidth = next(
+        (v for k, v in LOCAL_HBM_GB_PER_S.items() if k.lower() in kind.lower()), math.nan
+    )
+    chip = Chip(devices[0].platform, kind, capacity / GIB, bandwidth, 1, 1, "")
+    return Topology("local", chip, len(devices), f"{devices[0].platform} x{len(devices)}")
+
+
 def _chip(generation: str, name: str) -> Chip:
     if generation not in CHIPS:
         raise ValueError(f"topology {name!r}: unknown TPU generation; known: {sorted(CHIPS)}")
@@ -382,8 +401,11 @@ def format_report(report: Report) -> str:
 
 def run(config: ml_collections.ConfigDict, topology_name: str) -> Report:
     """Compile the train step of `config` for `topology_name` and return the report."""
-    topology = parse_topology(topology_name)
-    devices = topology_devices(topology)
+    if topology_name == "local":
+        topology, devices = local_topology(), jax.local_devices()
+    else:
+        topology = parse_topology(topology_name)
+        devices = topology_devices(topology)
     _, report = compile_train_step(config, topology, devices)
     return report
 
@@ -391,8 +413,10 @@ def run(config: ml_collections.ConfigDict, topology_name: str) -> Report:
 def main() -> None:
     """absl entry point: flags --config (file, with --config.x=y overrides), --topology, --json."""
     # Compile-only devices need no accelerator; on a TPU VM do not grab the chips a training
-    # job may be using.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # job may be using. --topology=local compiles for this machine's own devices instead.
+    # (jax read JAX_PLATFORMS at import, so the setting goes through its config.)
+    if not {"--topology=local", "local"} & set(sys.argv[1:]) and "JAX_PLATFORMS" not in os.environ:
+        jax.config.update("jax_platforms", "cpu")
     from absl import app, flags
     from ml_collections import config_flags
 
@@ -402,7 +426,10 @@ def main() -> None:
         "config", "configs/default.py", "Experiment config file (a get_config() module)."
     )
     topology_flag = flags.DEFINE_string(
-        "topology", None, "TPU slice: v5e-8, v4-8, v5p-8, v6e-8, v5e-256, ... or v5e:2x4."
+        "topology",
+        None,
+        "TPU slice: v5e-8, v4-8, v5p-8, v6e-8, v5e-256, ... or v5e:2x4; 'local' for this "
+        "machine's own devices (e.g. a GPU).",
     )
     json_flag = flags.DEFINE_bool("json", False, "Print the report as one JSON object.")
     flags.mark_flag_as_required("topology")
