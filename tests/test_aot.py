@@ -72,6 +72,19 @@ def test_parse_topology_rejects(name: str) -> None:
 
 
 @needs_libtpu
+@pytest.mark.parametrize(
+    ("name", "hosts"), [("v5e-8", 1), ("v6e-8", 1), ("v4-8", 1), ("v5e-16", 4), ("v5e-256", 64)]
+)
+def test_compile_only_slices_have_the_cloud_vms_host_count(
+    name: str, hosts: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each slice sets its own accelerator type (topology_devices only fills it in when unset).
+    monkeypatch.delenv("TPU_ACCELERATOR_TYPE", raising=False)
+    devices = aot.topology_devices(aot.parse_topology(name))
+    assert len({d.process_index for d in devices}) == hosts
+
+
+@needs_libtpu
 @pytest.mark.slow
 def test_default_config_compiles_for_v5e_4() -> None:
     from configs import default

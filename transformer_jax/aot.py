@@ -185,7 +185,13 @@ def topology_devices(topology: Topology) -> list[Any]:
     accelerator = topology.chip.accelerator_type
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{accelerator}-{topology.num_chips}")
     # v4 and v5p VMs run both TensorCores of a chip as one device (megacore), as training does.
-    kwargs = {"chip_config_name": "megacore"} if topology.chip.cores_per_chip == 2 else {}
+    kwargs: dict[str, Any] = (
+        {"chip_config_name": "megacore"} if topology.chip.cores_per_chip == 2 else {}
+    )
+    if topology.chip.dims == 2 and topology.num_chips == 8:
+        # v5e-8 and v6e-8 are one VM with 8 chips; libtpu's default would model two 4-chip
+        # hosts (the multi-host slices' VMs), changing the rows per host and the mesh checks.
+        kwargs["chips_per_host_bounds"] = [2, 4, 1]
     try:
         description = topologies.get_topology_desc(
             platform="tpu", topology_name=topology.jax_topology, **kwargs

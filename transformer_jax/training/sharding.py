@@ -68,8 +68,9 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     devices = list(devices if devices is not None else jax.devices())
     sizes = resolve_mesh_shape(shape, len(devices))
     dims = tuple(sizes[a] for a in MESH_AXES)
-    if devices == list(jax.devices()):
-        # make_mesh orders devices by the physical topology (ICI rings on TPU).
+    if devices == list(jax.devices()) or devices[0].platform == "tpu":
+        # make_mesh orders devices by the physical topology (ICI rings on TPU), also the
+        # compile-only devices of an AOT topology.
         return jax.make_mesh(dims, MESH_AXES, devices=devices, axis_types=AUTO_AXES)
     return Mesh(np.asarray(devices).reshape(dims), MESH_AXES, axis_types=AUTO_AXES)
 
