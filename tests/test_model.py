@@ -333,15 +333,21 @@ def test_scanned_layers_compute_the_same_function() -> None:
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("remat", ["full", "dots"])
-def test_remat_gives_the_same_gradients(remat: str) -> None:
+def test_remat_gives_the_same_gradients(remat: str, dropout: float) -> None:
     rng = np.random.default_rng(13)
     src, tgt = random_ids(rng, (2, 6)), random_ids(rng, (2, 5))
-    model, params = build(SMALL, src, tgt)
-    rematted = Transformer(SMALL.replace(remat=remat))
+    config = SMALL.replace(dropout_rate=dropout)
+    model, params = build(config, src, tgt)
+    rematted = Transformer(config.replace(remat=remat))
+    # With dropout on, the recomputed forward pass must draw the same masks.
+    kwargs = {"deterministic": False, "rngs": {"dropout": jax.random.key(7)}} if dropout else {}
 
     def loss(m: Transformer):
-        return lambda p: jnp.sum(jax.nn.log_softmax(m.apply({"params": p}, src, tgt))[..., 5])
+        return lambda p: jnp.sum(
+            jax.nn.log_softmax(m.apply({"params": p}, src, tgt, **kwargs))[..., 5]
+        )
 
     plain = jax.jit(jax.grad(loss(model)))(params)
     again = jax.jit(jax.grad(loss(rematted)))(params)
