@@ -94,6 +94,21 @@ def main() -> None:
         f"attention {args.attention_impl}",
         flush=True,
     )
+    try:
+        rows = measure_all(base, args, lengths, remats, tokens)
+    except aot.TopologyError as e:  # libtpu missing or a bad slice: one line, not a traceback
+        raise SystemExit(f"error: {e}") from e
+    print_table(rows)
+
+
+def measure_all(
+    base: ml_collections.ConfigDict,
+    args: argparse.Namespace,
+    lengths: list[int],
+    remats: list[str],
+    tokens: int,
+) -> list[dict[str, Any]]:
+    """Compile every (length, remat) pair, printing each result as it comes."""
     rows = []
     for length in lengths:
         for remat in remats:
@@ -108,7 +123,11 @@ def main() -> None:
             if args.jsonl:
                 with open(args.jsonl, "a") as f:
                     f.write(json.dumps(result) + "\n")
+    return rows
 
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """The markdown table of all results."""
     print(
         "\n| length | rows | remat | HBM per chip (GiB) | temporaries (GiB) | fits | "
         "GFLOP/step per chip | compile (s) |"

@@ -73,13 +73,17 @@ def test_parse_topology_rejects(name: str) -> None:
 
 @needs_libtpu
 @pytest.mark.parametrize(
-    ("name", "hosts"), [("v5e-8", 1), ("v6e-8", 1), ("v4-8", 1), ("v5e-16", 4), ("v5e-256", 64)]
+    ("name", "hosts"),
+    [("v5e-8", 1), ("v6e-8", 1), ("v5e:4x2", 2), ("v4-8", 1), ("v5e-16", 4), ("v5e-256", 64)],
 )
 def test_compile_only_slices_have_the_cloud_vms_host_count(
     name: str, hosts: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Each slice sets its own accelerator type (topology_devices only fills it in when unset).
-    monkeypatch.delenv("TPU_ACCELERATOR_TYPE", raising=False)
+    # topology_devices fills these in only when unset: start each slice without them, and
+    # let the monkeypatch put back whatever was there (set-then-delete records the original).
+    for var in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "ALLOW_MULTIPLE_LIBTPU_LOAD"):
+        monkeypatch.setenv(var, "unused")
+        monkeypatch.delenv(var)
     devices = aot.topology_devices(aot.parse_topology(name))
     assert len({d.process_index for d in devices}) == hosts
 

@@ -296,6 +296,8 @@ def run_with_devices(script: str, devices: int, timeout: int = 300) -> str:
         **os.environ,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
         "JAX_PLATFORMS": "cpu",
+        # XLA's warnings must reach stderr (a CLI test earlier in the session may raise this).
+        "TF_CPP_MIN_LOG_LEVEL": "0",
     }
     result = subprocess.run(
         [sys.executable, "-c", script],
@@ -522,7 +524,9 @@ def test_cloud_workdir_stays_a_url_and_its_files_go_through_epath(
     monkeypatch.chdir(tmp_path)
     assert os.fspath(checkpoint.workdir_path("runs/x")) == str(tmp_path / "runs" / "x")
 
-    # Stand-in bucket: epath's gs:// backend redirected to a local folder.
+    # Stand-in bucket: epath's gs:// backend redirected to a local folder. With TensorFlow
+    # installed, epath would route gs:// to tf.io.gfile and bypass the mock (real GCS).
+    monkeypatch.setattr(epath.gpath, "_is_tf_installed", lambda: False)
     bucket = tmp_path / "bucket-store"
 
     def local(path: object) -> str:

@@ -151,8 +151,16 @@ def parse_topology(name: str) -> Topology:
 
 
 # Local accelerators for `--topology=local` (benchmarks on a lent GPU): HBM bandwidth, 1e9
-# bytes/s, from NVIDIA's data sheets (H100 SXM 3.35 TB/s, H200 4.8 TB/s, A100 80GB 2.04 TB/s).
-LOCAL_HBM_GB_PER_S: dict[str, float] = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
+# bytes/s, from NVIDIA's data sheets. Matched in order against device_kind, so the PCIe and
+# 40 GB parts come before the names they contain.
+LOCAL_HBM_GB_PER_S: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 2000.0),
+    ("H100", 3350.0),
+    ("H200", 4800.0),
+    ("A100-SXM4-40GB", 1555.0),
+    ("A100-PCIE-40GB", 1555.0),
+    ("A100", 2039.0),
+)
 
 
 def local_topology() -> Topology:
@@ -162,9 +170,7 @@ def local_topology() -> Topology:
     stats = devices[0].memory_stats() or {}
     # GPUs report their usable memory; CPU devices share the host's RAM, so that is the limit.
     capacity = stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    bandwidth = next(
-        (v for k, v in LOCAL_HBM_GB_PER_S.items() if k.lower() in kind.lower()), math.nan
-    )
+    bandwidth = next((v for k, v in LOCAL_HBM_GB_PER_S if k.lower() in kind.lower()), math.nan)
     chip = Chip(devices[0].platform, kind, capacity / GIB, bandwidth, 1, 1, "")
     return Topology("local", chip, len(devices), f"{devices[0].platform} x{len(devices)}")
 
@@ -188,7 +194,7 @@ def topology_devices(topology: Topology) -> list[Any]:
     kwargs: dict[str, Any] = (
         {"chip_config_name": "megacore"} if topology.chip.cores_per_chip == 2 else {}
     )
-    if topology.chip.dims == 2 and topology.num_chips == 8:
+    if topology.jax_topology.endswith(":2x4") and topology.chip.dims == 2:
         # v5e-8 and v6e-8 are one VM with 8 chips; libtpu's default would model two 4-chip
         # hosts (the multi-host slices' VMs), changing the rows per host and the mesh checks.
         kwargs["chips_per_host_bounds"] = [2, 4, 1]
@@ -197,9 +203,11 @@ def topology_devices(topology: Topology) -> list[Any]:
             platform="tpu", topology_name=topology.jax_topology, **kwargs
         )
     except (ImportError, RuntimeError) as e:
+        # Only a backend that cannot start points at libtpu; a bad shape is libtpu's own words.
+        missing = isinstance(e, ImportError) or "initialize" in str(e) or "libtpu" in str(e)
+        hint = '; is libtpu installed? pip install -e ".[tpu]"' if missing else ""
         raise TopologyError(
-            f"could not build TPU topology {topology.jax_topology!r} ({e}); is libtpu installed? "
-            'pip install -e ".[tpu]"'
+            f"could not build TPU topology {topology.jax_topology!r}: {_first_line(e)}{hint}"
         ) from e
     return list(description.devices)
 
@@ -418,11 +426,6 @@ def run(config: ml_collections.ConfigDict, topology_name: str) -> Report:
 
 def main() -> None:
     """absl entry point: flags --config (file, with --config.x=y overrides), --topology, --json."""
-    # Compile-only devices need no accelerator; on a TPU VM do not grab the chips a training
-    # job may be using. --topology=local compiles for this machine's own devices instead.
-    # (jax read JAX_PLATFORMS at import, so the setting goes through its config.)
-    if not {"--topology=local", "local"} & set(sys.argv[1:]) and "JAX_PLATFORMS" not in os.environ:
-        jax.config.update("jax_platforms", "cpu")
     from absl import app, flags
     from ml_collections import config_flags
 
@@ -444,6 +447,11 @@ def main() -> None:
         if len(argv) > 1:
             raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
         quiet_libraries()
+        # Compile-only devices need no accelerator; on a TPU VM do not grab the chips a
+        # training job may be using. jax read JAX_PLATFORMS at import, so this goes through its
+        # config; backends start lazily, so it still applies. 'local' means this machine's own.
+        if topology_flag.value != "local" and "JAX_PLATFORMS" not in os.environ:
+            jax.config.update("jax_platforms", "cpu")
         try:
             report = run(config_flag.value, str(topology_flag.value))
             # Name the report after the file the user passed (configs carry no name field).

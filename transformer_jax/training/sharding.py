@@ -71,7 +71,12 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     if devices == list(jax.devices()) or devices[0].platform == "tpu":
         # make_mesh orders devices by the physical topology (ICI rings on TPU), also the
         # compile-only devices of an AOT topology.
-        return jax.make_mesh(dims, MESH_AXES, devices=devices, axis_types=AUTO_AXES)
+        mesh = jax.make_mesh(dims, MESH_AXES, devices=devices, axis_types=AUTO_AXES)
+        if _rows_stay_on_one_process(_process_ids(mesh)):
+            return mesh
+        # A ring can cross hosts (a 4-chip 'tensor' axis on 2x2-chip v5e hosts), but each host
+        # feeds its own rows: lay the devices out host by host so 'tensor' groups stay local.
+        devices = sorted(devices, key=lambda d: (d.process_index, d.id))
     return Mesh(np.asarray(devices).reshape(dims), MESH_AXES, axis_types=AUTO_AXES)
 
 
@@ -95,10 +100,20 @@ def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> LogicalRules:
         for axis in mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,):
             if axis is not None and axis not in MESH_AXES:
                 raise ValueError(
-                    f"mesh.logical_axis_rules: {logical!r} maps to unknown mesh axis {axis!r}"
+                    f"mesh.logical_axis_rules: {logical!r} maps to unknown mesh axis {axis!r}; "
+                    f"the mesh axes are {MESH_AXES}"
                 )
         normalized.append((logical, mesh_axes))
     return tuple(normalized)
+
+
+def _process_ids(mesh: Mesh) -> np.ndarray:
+    return np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
+
+
+def _rows_stay_on_one_process(process_ids_DxFxT: np.ndarray) -> bool:
+    groups = process_ids_DxFxT.reshape(-1, process_ids_DxFxT.shape[-1])
+    return all(len(set(owners.tolist())) == 1 for owners in groups)
 
 
 def check_rows_stay_on_one_process(process_ids_DxFxT: np.ndarray) -> None:
@@ -111,22 +126,21 @@ def check_rows_stay_on_one_process(process_ids_DxFxT: np.ndarray) -> None:
     """
     data, fsdp, tensor = process_ids_DxFxT.shape
     groups = process_ids_DxFxT.reshape(data * fsdp, tensor)
+    per_process = int((process_ids_DxFxT == process_ids_DxFxT.flat[0]).sum())
     for row_block, owners in enumerate(groups):
         if len(set(owners.tolist())) > 1:
             raise ValueError(
                 f"mesh.shape {{'data': {data}, 'fsdp': {fsdp}, 'tensor': {tensor}}}: the devices "
                 f"sharing batch row block {row_block} (along 'tensor') belong to processes "
                 f"{sorted(set(owners.tolist()))}, but each process feeds its own rows. Keep "
-                "'tensor' within one host (at most its local device count, "
-                f"{jax.local_device_count()} here) and put the other devices on 'data' or "
-                "'fsdp'."
+                f"'tensor' within one host (at most its {per_process} devices) and put the "
+                "other devices on 'data' or 'fsdp'."
             )
 
 
 def check_mesh_feeds_consistent_rows(mesh: Mesh) -> None:
     """check_rows_stay_on_one_process for a ('data', 'fsdp', 'tensor') mesh."""
-    ids = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
-    check_rows_stay_on_one_process(ids)
+    check_rows_stay_on_one_process(_process_ids(mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
