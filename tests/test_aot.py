@@ -26,6 +26,14 @@ needs_libtpu = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def fresh_tpu_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset the variables topology_devices fills in when unset; restored afterwards."""
+    for var in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "ALLOW_MULTIPLE_LIBTPU_LOAD"):
+        monkeypatch.setenv(var, "unused")  # set-then-delete records the original value
+        monkeypatch.delenv(var)
+
+
 def test_ci_has_libtpu_so_the_aot_tests_run() -> None:
     if LIBTPU_EXPECTED:
         assert HAVE_LIBTPU, 'CI on Linux x86-64 must install libtpu (pip install -e ".[dev]")'
@@ -77,15 +85,23 @@ def test_parse_topology_rejects(name: str) -> None:
     [("v5e-8", 1), ("v6e-8", 1), ("v5e:4x2", 2), ("v4-8", 1), ("v5e-16", 4), ("v5e-256", 64)],
 )
 def test_compile_only_slices_have_the_cloud_vms_host_count(
-    name: str, hosts: int, monkeypatch: pytest.MonkeyPatch
+    name: str, hosts: int, fresh_tpu_env: None
 ) -> None:
-    # topology_devices fills these in only when unset: start each slice without them, and
-    # let the monkeypatch put back whatever was there (set-then-delete records the original).
-    for var in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "ALLOW_MULTIPLE_LIBTPU_LOAD"):
-        monkeypatch.setenv(var, "unused")
-        monkeypatch.delenv(var)
     devices = aot.topology_devices(aot.parse_topology(name))
     assert len({d.process_index for d in devices}) == hosts
+
+
+@needs_libtpu
+def test_pod_mesh_keeps_each_tensor_group_on_one_host(fresh_tpu_env: None) -> None:
+    from transformer_jax.training import sharding
+
+    # v5e-16: 4 VMs of 2x2 chips. jax.make_mesh would run a 4-chip tensor ring across two VMs.
+    devices = aot.topology_devices(aot.parse_topology("v5e-16"))
+    mesh = sharding.make_mesh({"data": 4, "tensor": 4}, devices)
+    sharding.check_mesh_feeds_consistent_rows(mesh)
+    too_wide = sharding.make_mesh({"data": 2, "tensor": 8}, devices)
+    with pytest.raises(ValueError, match="at most its 4 devices"):
+        sharding.check_mesh_feeds_consistent_rows(too_wide)
 
 
 @needs_libtpu
