@@ -10,11 +10,10 @@ import pytest
 from conftest import ROOT
 
 
-@pytest.mark.slow
-def test_train_throughput_prints_a_table_with_page_faults() -> None:
-    small = ["--rounds", "2", "--steps", "1", "--warmup", "1", "--batch", "2", "--length", "8"]
+def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run benchmarks/<script> on CPU; fail with its output if it exits non-zero."""
     out = subprocess.run(
-        [sys.executable, "benchmarks/train_throughput.py", "--no-torch", *small],
+        [sys.executable, f"benchmarks/{script}", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -23,6 +22,13 @@ def test_train_throughput_prints_a_table_with_page_faults() -> None:
         check=False,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_train_throughput_prints_a_table_with_page_faults() -> None:
+    small = ["--rounds", "2", "--steps", "1", "--warmup", "1", "--batch", "2", "--length", "8"]
+    out = run_benchmark("train_throughput.py", "--no-torch", *small)
     rows = [line for line in out.stdout.splitlines() if line.startswith("| transformer-jax")]
     assert len(rows) == 1, out.stdout
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
@@ -37,16 +43,7 @@ def test_train_throughput_prints_a_table_with_page_faults() -> None:
 def test_memory_benchmark_measures_this_machines_devices() -> None:
     # --topology local is the GPU path of the memory table; on CPU it compiles for the host.
     args = ["--config", "configs/default.py", "--topology", "local", "--lengths", "32,128"]
-    out = subprocess.run(
-        [sys.executable, "benchmarks/memory_vs_length.py", *args, "--remat", "none"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        timeout=600,
-        check=False,
-    )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    out = run_benchmark("memory_vs_length.py", *args, "--remat", "none")
     rows = [line for line in out.stdout.splitlines() if line.startswith("| 32 ")]
     rows += [line for line in out.stdout.splitlines() if line.startswith("| 128 ")]
     assert len(rows) == 2, out.stdout

@@ -124,10 +124,11 @@ def check_rows_stay_on_one_process(process_ids_DxFxT: np.ndarray) -> None:
     rows. Each process builds its own rows from its own data shard; if a 'tensor' group spans
     processes, those processes would feed different rows into what must be one copy.
     """
+    if _rows_stay_on_one_process(process_ids_DxFxT):
+        return
     data, fsdp, tensor = process_ids_DxFxT.shape
-    groups = process_ids_DxFxT.reshape(data * fsdp, tensor)
     per_process = int((process_ids_DxFxT == process_ids_DxFxT.flat[0]).sum())
-    for row_block, owners in enumerate(groups):
+    for row_block, owners in enumerate(process_ids_DxFxT.reshape(data * fsdp, tensor)):
         if len(set(owners.tolist())) > 1:
             raise ValueError(
                 f"mesh.shape {{'data': {data}, 'fsdp': {fsdp}, 'tensor': {tensor}}}: the devices "
