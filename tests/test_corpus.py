@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from transformer_jax.data import corpus
 from transformer_jax.data.corpus import (
     Clause,
     CorpusSizes,
@@ -24,13 +23,16 @@ from transformer_jax.data.corpus import (
     corpus_stats,
     english_number,
     english_ordinal,
+    generate,
     generate_pair,
     german_number,
     german_ordinal,
+    lexicon,
     max_distinct_pairs,
     render,
     render_clock_time,
     render_date,
+    sampling,
     write_builtin_corpus,
 )
 
@@ -281,17 +283,17 @@ def test_translation_is_a_one_to_one_function() -> None:
 
 def _shrink_grammar(monkeypatch: pytest.MonkeyPatch) -> None:
     """Cut the lexicon down so that sampling reaches every sentence the grammar can make."""
-    nouns = corpus._NOUNS
+    nouns = lexicon._NOUNS
     boy = dataclasses.replace(nouns["boy"], adjectives=("small",))
     letter = dataclasses.replace(nouns["letter"], adjectives=("red",))
-    monkeypatch.setattr(corpus, "_PERSONS", (boy,))
+    monkeypatch.setattr(sampling, "_PERSONS", (boy,))
     objects = {"read": (letter,), "help": (boy,), "pick up": (boy,), "give": (letter,)}
-    monkeypatch.setattr(corpus, "_OBJECT_NOUNS", objects)
-    monkeypatch.setattr(corpus, "_VERB_DESTINATIONS", {"go": ("home", "to the park")})
-    monkeypatch.setattr(corpus, "_QUANTITIES", range(2, 3))
-    monkeypatch.setattr(corpus, "_SUBJECT_PRONOUN_KEYS", ("I", "she"))
+    monkeypatch.setattr(sampling, "_OBJECT_NOUNS", objects)
+    monkeypatch.setattr(sampling, "_VERB_DESTINATIONS", {"go": ("home", "to the park")})
+    monkeypatch.setattr(sampling, "_QUANTITIES", range(2, 3))
+    monkeypatch.setattr(sampling, "_SUBJECT_PRONOUN_KEYS", ("I", "she"))
     monkeypatch.setattr(
-        corpus, "_TIMES_BY_TENSE", {t: v[:1] for t, v in corpus._TIMES_BY_TENSE.items()}
+        sampling, "_TIMES_BY_TENSE", {t: v[:1] for t, v in sampling._TIMES_BY_TENSE.items()}
     )
     for name in (
         "_WEEKDAY_TIMES",
@@ -300,47 +302,47 @@ def _shrink_grammar(monkeypatch: pytest.MonkeyPatch) -> None:
         "_PLACE_KEYS",
         "_PREDICATIVE_KEYS",
     ):
-        monkeypatch.setattr(corpus, name, getattr(corpus, name)[:1])
+        monkeypatch.setattr(sampling, name, getattr(sampling, name)[:1])
 
 
 def test_counting_matches_sampling_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a shrunken grammar the sampler reaches exactly as many clauses as the count says."""
     _shrink_grammar(monkeypatch)
-    monkeypatch.setattr(corpus, "_CLAUSE_VERBS", ("read",))
-    monkeypatch.setattr(corpus, "_CLAUSE_VERB_WEIGHTS", (1.0,))
+    monkeypatch.setattr(sampling, "_CLAUSE_VERBS", ("read",))
+    monkeypatch.setattr(sampling, "_CLAUSE_VERB_WEIGHTS", (1.0,))
     rng = random.Random(0)
-    clauses = {corpus._sample_clause(rng, "sub") for _ in range(40_000)}
-    assert len(clauses) == corpus._count_clauses("sub")
+    clauses = {sampling._sample_clause(rng, "sub") for _ in range(40_000)}
+    assert len(clauses) == sampling._count_clauses("sub")
 
 
 @pytest.mark.parametrize("mode", ["statement", "question", "main", "sub"])
 def test_counting_matches_sampling_per_part(
-    monkeypatch: pytest.MonkeyPatch, mode: corpus.ClauseMode
+    monkeypatch: pytest.MonkeyPatch, mode: sampling.ClauseMode
 ) -> None:
     """Subjects, arguments and adverbial placements reach their counts (which multiply)."""
     _shrink_grammar(monkeypatch)
     verbs = ("be", "read", "help", "pick up", "give", "go")
-    monkeypatch.setattr(corpus, "_CLAUSE_VERBS", verbs)
-    monkeypatch.setattr(corpus, "_CLAUSE_VERB_WEIGHTS", (1.0,) * len(verbs))
+    monkeypatch.setattr(sampling, "_CLAUSE_VERBS", verbs)
+    monkeypatch.setattr(sampling, "_CLAUSE_VERB_WEIGHTS", (1.0,) * len(verbs))
     rng = random.Random(0)
     subjects: set[NounPhrase] = set()
     arguments: dict[str, tuple[set[object], ...]] = defaultdict(lambda: (set(), set(), set()))
     # Adverbials depend only on the tense and on whether the verb takes a place.
-    adverbials: dict[tuple[bool, corpus.Tense], set[object]] = defaultdict(set)
+    adverbials: dict[tuple[bool, lexicon.Tense], set[object]] = defaultdict(set)
     for _ in range(30_000):
-        c = corpus._sample_clause(rng, mode)
+        c = sampling._sample_clause(rng, mode)
         subjects.add(c.subject)
         for slot, value in zip(arguments[c.verb], (c.obj, c.recipient, c.complement), strict=True):
             slot.add(value)
         adverbials[c.verb not in ("be", "go"), c.tense].add((c.time, c.place, c.front))
-    assert len(subjects) == sum(corpus._count_subjects().values())
+    assert len(subjects) == sum(sampling._count_subjects().values())
     assert {v: math.prod(len(slot) for slot in a) for v, a in arguments.items()} == {
-        v: corpus._count_arguments(v) for v in verbs
+        v: sampling._count_arguments(v) for v in verbs
     }
     assert len(adverbials) == 2 * 7  # (takes a place or not) x tense
     for (has_place, tense), seen in adverbials.items():
-        places = len(corpus._PLACE_KEYS) if has_place else 0
-        expected = corpus._count_adverbials(mode, corpus._count_times(tense), places)
+        places = len(sampling._PLACE_KEYS) if has_place else 0
+        expected = sampling._count_adverbials(mode, sampling._count_times(tense), places)
         assert len(seen) == expected, (has_place, tense)
 
 
@@ -354,7 +356,7 @@ def test_capacity_is_large() -> None:
 
 def test_same_seed_same_corpus_other_seed_other_corpus() -> None:
     first = builtin_corpus(seed=3, sizes=SMALL)
-    corpus._corpus.cache_clear()  # regenerate rather than read back the cached splits
+    generate._corpus.cache_clear()  # regenerate rather than read back the cached splits
     assert first == builtin_corpus(seed=3, sizes=SMALL)
     assert first["train"] != builtin_corpus(seed=4, sizes=SMALL)["train"]
 
@@ -451,3 +453,20 @@ def test_write_builtin_corpus(tmp_path: Path) -> None:
         de_lines = de_path.read_text(encoding="utf-8").splitlines()
         assert len(en_lines) == len(de_lines) == getattr(SMALL, split)
         assert list(zip(en_lines, de_lines, strict=True)) == splits[split]
+
+
+def test_command_line_writes_the_corpus(tmp_path: Path) -> None:
+    """`python -m transformer_jax.data.corpus --out DIR` writes the same splits as the API."""
+    sizes = ["--train", "20", "--validation", "5", "--test", "5"]
+    out = subprocess.run(
+        [sys.executable, "-m", "transformer_jax.data.corpus", "--out", str(tmp_path), *sizes],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert out.stdout.startswith("wrote 30 pairs")
+    train = builtin_corpus(seed=0, sizes=CorpusSizes(20, 5, 5))["train"]
+    assert (tmp_path / "train.de").read_text(encoding="utf-8").splitlines() == [
+        de for _, de in train
+    ]
