@@ -41,6 +41,7 @@ import numpy as np
 from transformer_jax import cpu_malloc
 from transformer_jax.config import ModelConfig
 from transformer_jax.model import Transformer
+from transformer_jax.state import init_state
 from transformer_jax.training import metrics, optim, step
 
 
@@ -49,7 +50,7 @@ def jax_runner(config: ModelConfig, batch: int, length: int, warmup: int) -> Cal
     model = Transformer(config)
     optimizer, schedule = optim.make_optimizer(d_model=config.d_model, warmup_steps=4000)
     state = jax.jit(
-        lambda: nn.unbox(step.init_state(model, optimizer, jax.random.key(0), (1, 8), (1, 8)))
+        lambda: nn.unbox(init_state(model, optimizer, jax.random.key(0), (1, 8), (1, 8)))
     )()
     train_step = jax.jit(
         step.make_train_step(model, optimizer, schedule, label_smoothing=0.1), donate_argnums=0
@@ -200,10 +201,6 @@ def main() -> None:
         worker(args, config)
         return
     device = jax.devices()[0]
-    flops = metrics.train_flops(config, args.batch, args.length, args.length)
-    peak = metrics.peak_tflops(device.device_kind)
-    tokens = args.batch * args.length
-
     sides = ["jax"]
     if args.torch:
         if importlib.util.find_spec("torch") is None:
@@ -257,6 +254,21 @@ def main() -> None:
         process.stdin.close()
         process.wait()
 
+    _print_table(args, config, device, names, times, faults)
+
+
+def _print_table(
+    args: argparse.Namespace,
+    config: ModelConfig,
+    device: jax.Device,
+    names: dict[str, str],
+    times: dict[str, list[float]],
+    faults: dict[str, list[float]],
+) -> None:
+    """The machine line, the table of medians and the ratio of the two sides."""
+    flops = metrics.train_flops(config, args.batch, args.length, args.length)
+    peak = metrics.peak_tflops(device.device_kind)
+    tokens = args.batch * args.length
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"jax {jax.__version__}, device {device.device_kind} x1; model {args.model} "

@@ -4,37 +4,18 @@ from __future__ import annotations
 
 import ml_collections
 
+from transformer_jax.experiment import model_section
+
 
 def get_config() -> ml_collections.ConfigDict:
     """Config for `python train.py` with no flags."""
     config = ml_collections.ConfigDict()
     config.seed = 0  # Parameter init, dropout and data shuffling all derive from this.
 
-    # Becomes ModelConfig(**config.model); see docs/model.md for every switch.
-    config.model = ml_collections.ConfigDict()
-    config.model.vocab_size = 1024  # Embedding rows; >= the tokenizer's pieces.
-    config.model.d_model = 128  # Model width (paper base: 512).
-    config.model.num_heads = 4  # Attention heads (d_k = 32).
-    config.model.num_kv_heads = None  # None = one key/value head per query head (paper).
-    config.model.d_ff = 512  # FFN hidden width.
-    config.model.num_encoder_layers = 2  # Encoder depth (paper: 6).
-    config.model.num_decoder_layers = 2  # Decoder depth (paper: 6).
-    config.model.dropout_rate = 0.1  # Residual + embedding dropout (paper P_drop).
-    config.model.attention_dropout_rate = 0.0  # Not in the paper.
-    config.model.relu_dropout_rate = 0.0  # Not in the paper.
-    config.model.max_len = 128  # Largest position id.
-    config.model.embedding_sharing = "all"  # One matrix: source, target, pre-softmax.
-    config.model.norm_position = "post"  # Paper: LayerNorm(x + Sublayer(x)).
-    config.model.norm_type = "layernorm"  # Or "rmsnorm".
-    config.model.layer_norm_epsilon = 1e-6  # Norm epsilon.
-    config.model.position_encoding = "sinusoidal"  # Paper; or "learned".
-    config.model.feed_forward = "relu"  # Paper; or "gelu", "swiglu".
-    config.model.use_bias = True  # Biases on projections (paper count includes them).
-    config.model.dtype = "float32"  # Compute dtype; CPUs are slow at bfloat16.
-    config.model.param_dtype = "float32"  # Parameter dtype.
-    config.model.attention_impl = "einsum"  # Or "dot_product" (cuDNN flash on GPU).
-    config.model.remat = "none"  # Backward-pass recompute: "none" | "full" | "dots".
-    config.model.scan_layers = False  # nn.scan over layers (flat compile time in depth).
+    # Becomes ModelConfig(**config.model). Every field comes from the "tiny" preset, the one
+    # place its values live (PRESETS in transformer_jax/config.py; docs/model.md explains each
+    # switch). Override any field here or with --config.model.FIELD=value.
+    config.model = model_section("tiny")
 
     config.data = ml_collections.ConfigDict()
     config.data.kind = "builtin"  # "builtin" | "tfds" | "text" | "tsv" (docs/data.md).

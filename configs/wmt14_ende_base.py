@@ -5,21 +5,17 @@ from __future__ import annotations
 import ml_collections
 
 from configs import default
+from transformer_jax.experiment import model_section
 
 
 def get_config() -> ml_collections.ConfigDict:
     """Base: N=6, d_model=512, d_ff=2048, h=8, P_drop=0.1, 100k steps, warmup 4000."""
     config = default.get_config()
 
-    config.model.vocab_size = 37000  # Shared BPE vocabulary of about 37000 tokens (section 5.1).
-    config.model.d_model = 512  # Table 3 base.
-    config.model.num_heads = 8  # Table 3 base (d_k = d_v = 64).
-    config.model.d_ff = 2048  # Table 3 base.
-    config.model.num_encoder_layers = 6  # N = 6.
-    config.model.num_decoder_layers = 6  # N = 6.
-    config.model.dropout_rate = 0.1  # P_drop (section 5.4).
-    config.model.max_len = 512  # Position ids up to 511.
-    config.model.dtype = "bfloat16"  # Compute dtype on TPU/GPU; params stay float32.
+    # Table 3 base (N=6, d_model=512, d_ff=2048, h=8, d_k=64, P_drop=0.1) with the shared
+    # ~37000-piece BPE vocabulary of section 5.1: ModelConfig.preset("base"), the one source of
+    # these values; bfloat16 compute on TPU/GPU (parameters stay float32).
+    config.model = model_section("base", dtype="bfloat16")
 
     config.data.kind = "tfds"  # tensorflow-datasets; prepare it first (docs/data.md).
     config.data.options = ml_collections.ConfigDict(

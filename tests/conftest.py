@@ -78,13 +78,13 @@ def checkpoint_params(workdir: Path, step: int) -> list:
     import jax
     import numpy as np
 
-    from transformer_jax.config import ModelConfig
-    from transformer_jax.inference.translator import abstract_params
-    from transformer_jax.training import checkpoint, sharding
+    from transformer_jax import sharding
+    from transformer_jax.state import abstract_train_state
+    from transformer_jax.workdir import Workdir
 
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-    config = ModelConfig.load(workdir / checkpoint.MODEL_CONFIG_FILE)
-    abstract = abstract_params(config, mesh, sharding.DEFAULT_RULES)
-    params, step_read = checkpoint.restore_params(workdir, step, abstract)
+    run = Workdir(workdir)
+    abstract = abstract_train_state(run.read_model_config(), mesh, sharding.DEFAULT_RULES).params
+    params, step_read = run.restore_params(step, abstract)
     assert step_read == step
     return [np.asarray(x) for x in jax.tree.leaves(params)]

@@ -93,7 +93,7 @@ def test_compile_only_slices_have_the_cloud_vms_host_count(
 
 @needs_libtpu
 def test_pod_mesh_keeps_each_tensor_group_on_one_host(fresh_tpu_env: None) -> None:
-    from transformer_jax.training import sharding
+    from transformer_jax import sharding
 
     # v5e-16: 4 VMs of 2x2 chips. jax.make_mesh would run a 4-chip tensor ring across two VMs.
     devices = aot.topology_devices(aot.parse_topology("v5e-16"))

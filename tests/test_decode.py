@@ -272,7 +272,7 @@ MESH_SCRIPT = textwrap.dedent(
     from transformer_jax.config import ModelConfig
     from transformer_jax.inference.decode import beam_search, greedy_decode, sample_decode
     from transformer_jax.model import Transformer
-    from transformer_jax.training import sharding
+    from transformer_jax import sharding
 
     cfg = ModelConfig.preset("tiny", vocab_size=40, d_model=32, num_heads=2, d_ff=64,
                              num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.0,

@@ -14,9 +14,11 @@ import pytest
 from conftest import ROOT
 
 import transformer_jax
+from transformer_jax import sharding
 from transformer_jax.config import ModelConfig
-from transformer_jax.inference.translator import Translator, abstract_params, load
-from transformer_jax.training import checkpoint, sharding
+from transformer_jax.inference.translator import Translator, load
+from transformer_jax.state import abstract_train_state
+from transformer_jax.workdir import Workdir
 
 SENTENCES = [
     "The doctors can drink the tomato juice.",
@@ -90,7 +92,6 @@ def test_attention_maps_and_translation_with_scanned_layers(translator: Translat
         translator,
         config=translator.config.replace(scan_layers=True),
         params=stack_layer_params(translator.params),
-        _compiled={},
     )
     a, b = translator.attention_weights(SENTENCES[0]), scanned.attention_weights(SENTENCES[0])
     assert a.target_tokens == b.target_tokens
@@ -109,9 +110,9 @@ def test_averaging_two_checkpoints_gives_the_elementwise_mean(
     )
     config = ModelConfig.load(trained_workdir / "model_config.json")
     mesh = sharding.make_mesh({"data": -1})
-    abstract = abstract_params(config, mesh, sharding.DEFAULT_RULES)
-    p20, _ = checkpoint.restore_params(trained_workdir, 20, abstract)
-    p30, _ = checkpoint.restore_params(trained_workdir, 30, abstract)
+    abstract = abstract_train_state(config, mesh, sharding.DEFAULT_RULES).params
+    p20, _ = Workdir(trained_workdir).restore_params(20, abstract)
+    p30, _ = Workdir(trained_workdir).restore_params(30, abstract)
     averaged = load(out)
     assert averaged.step == 30
     for a, b, m in zip(

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from transformer_jax import sharding
 from transformer_jax.config import BOS_ID, PAD_ID, ModelConfig
 from transformer_jax.model import (
     Transformer,
@@ -20,7 +21,6 @@ from transformer_jax.model import (
 )
 from transformer_jax.model.attention import einsum_attention, fused_attention
 from transformer_jax.model.layers import sinusoidal_encoding
-from transformer_jax.training import sharding
 
 SMALL = ModelConfig.preset(
     "tiny",

@@ -122,8 +122,11 @@ STEP_SCRIPT = textwrap.dedent(
     from jax.experimental import multihost_utils
     from transformer_jax.config import ModelConfig
     from transformer_jax.model import Transformer
-    from transformer_jax.training import checkpoint, optim, sharding, step
-    from transformer_jax.training.loop import _Preemption
+    from transformer_jax import sharding
+    from transformer_jax.state import init_state
+    from transformer_jax.training import optim, step
+    from transformer_jax.training.preemption import Preemption
+    from transformer_jax.workdir import Workdir
 
     out = Path(args[0])
     assert jax.device_count() == 4, jax.devices()
@@ -149,7 +152,7 @@ STEP_SCRIPT = textwrap.dedent(
     for name, opt in (("sgd", optax.sgd(schedule)),):
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
             state, shardings = sharding.sharded_init(
-                lambda: step.init_state(model, opt, jax.random.key(0), (1, 8), (1, 8)),
+                lambda: init_state(model, opt, jax.random.key(0), (1, 8), (1, 8)),
                 mesh, sharding.DEFAULT_RULES)
             f = jax.jit(step.make_train_step(model, opt, schedule, label_smoothing=0.1),
                         in_shardings=(shardings, data, sharding.replicated(mesh)),
@@ -168,8 +171,7 @@ STEP_SCRIPT = textwrap.dedent(
             state = train(state, range(2))
             # Every process saves its shards into one directory; a fresh state restores them.
             workdir = out / f"{name}_{nproc}proc"
-            ckpt = checkpoint.Checkpointer(workdir, save_every=1, max_to_keep=1,
-                                           async_save=True)
+            ckpt = Workdir(workdir).checkpoints(save_every=1, max_to_keep=1, async_save=True)
             ckpt.maybe_save(2, state, None)
             ckpt.wait()
             abstract = jax.tree.map(
@@ -188,7 +190,7 @@ STEP_SCRIPT = textwrap.dedent(
         leaves = {str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(params))}
         np.savez(out / f"{name}_{nproc}proc_{pid}.npz", **leaves)
     # A signal on one host stops every host, and only at an agreed step.
-    preemption = _Preemption(sync_every=5)
+    preemption = Preemption(sync_every=5)
     preemption.requested = nproc > 1 and pid == 1
     stops = [preemption.should_stop(3), preemption.should_stop(5)]
     # A 'tensor' group spanning processes would get different rows from each: refused.
@@ -297,10 +299,10 @@ def test_two_processes_train_save_and_resume_like_an_uninterrupted_run(
     config.data.test_split = ""
     config.train.num_steps = 6
     config.train.eval_bleu_sentences = 8
-    with caplog.at_level(logging.WARNING, logger="transformer_jax.training.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="transformer_jax.workdir"):
         carried_on = train_and_evaluate(config, tmp_path / "straight")
     assert carried_on.step == 6 and np.isfinite(carried_on.final_metrics["train_loss"])
-    assert "no data iterator state for process_0-of-1.json" in caplog.text
+    assert "saved by 2 process(es), this run has 1" in caplog.text
 
 
 CROSS_MESH_SCRIPT = textwrap.dedent(
@@ -308,8 +310,10 @@ CROSS_MESH_SCRIPT = textwrap.dedent(
     sys.path.insert(0, "tests")
     from conftest import tiny_train_config
     from transformer_jax.data import pipeline
-    from transformer_jax.training import checkpoint, sharding
-    from transformer_jax.training.loop import build, train_and_evaluate, validate_config
+    from transformer_jax import experiment, sharding
+    from transformer_jax.training.loop import train_and_evaluate
+    from transformer_jax.training.program import build
+    from transformer_jax.workdir import Workdir
 
     corpus, workdir, mode = Path(args[0]), Path(args[1]), args[2]
     config = tiny_train_config(corpus)
@@ -328,12 +332,10 @@ CROSS_MESH_SCRIPT = textwrap.dedent(
     assert config.data.tokens_per_batch == 256 and rows == [8, 8], rows
 
     def state_at(step):
-        setup, state = build(config, validate_config(config))
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            state, setup.state_shardings)
-        ckpt = checkpoint.Checkpointer(workdir, save_every=0, max_to_keep=5, async_save=False)
-        restored, _ = ckpt.restore(step, abstract, None)
+        mesh = sharding.make_mesh(dict(config.mesh.shape))
+        program = build(config, experiment.validate(config, jax.devices()), mesh)
+        ckpt = Workdir(workdir).checkpoints(save_every=0, max_to_keep=5, async_save=False)
+        restored, _ = ckpt.restore(step, program.abstract_state, None)
         ckpt.close()
         return restored
 
@@ -376,3 +378,45 @@ def test_checkpoint_from_four_devices_data_parallel_restores_onto_eight_with_fsd
     # The restored parameters are split over fsdp=4 (replicated over data=2), not whole.
     assert resumed["fsdp"] and resumed["devices"] == 8
     assert resumed["max_fraction"] < 0.5, resumed
+
+
+TRANSLATE_SCRIPT = textwrap.dedent(
+    """
+    from transformer_jax import load
+
+    workdir, sentences = Path(args[0]), json.loads(args[1])
+    translator = load(workdir)
+    # 2 rows per process and batch: several batches, the last one padded on every process.
+    outputs = {method: translator.translate(sentences, method=method, batch_size=2)
+               for method in ("greedy", "beam")}
+    report(pid=pid, devices=jax.device_count(), outputs=outputs)
+    """
+)
+
+
+@pytest.mark.slow
+def test_translator_on_two_processes_returns_every_translation_on_every_process(
+    trained_workdir: Path,
+) -> None:
+    from transformer_jax import load
+
+    sentences = [
+        "The doctors can drink the tomato juice.",
+        "",
+        "A friendly student will pick up sixty-nine men.",
+        "Tomorrow the teacher buys the red bags.",
+        "She reads the newspaper in the library.",
+        "   ",
+        "We visited the grandmother on the third of May.",
+    ]
+    args = (str(trained_workdir), json.dumps(sentences))
+    (one,) = run_processes(TRANSLATE_SCRIPT, 1, 2, *args)
+    two = run_processes(TRANSLATE_SCRIPT, 2, 2, *args)
+    assert one["devices"] == 2 and [r["devices"] for r in two] == [4, 4]
+    here = load(trained_workdir)
+    for method in ("greedy", "beam"):
+        expected = here.translate(sentences, method=method)
+        assert len(expected) == len(sentences) and expected[1] == expected[5] == ""
+        assert one["outputs"][method] == expected, method
+        for result in two:  # each process decoded half and gathered the rest
+            assert result["outputs"][method] == expected, (method, result["pid"])

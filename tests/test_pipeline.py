@@ -29,11 +29,11 @@ _EN = ["the", "a", "cat", "dog", "house", "tree", "sees", "big", "red", "over", 
 _DE = ["der", "die", "katze", "hund", "haus", "baum", "sieht", "groß", "rot", "über"]
 _KEYS = {
     "inputs",
-    "inputs_segmentation",
-    "inputs_position",
+    "inputs_segment_ids",
+    "inputs_positions",
     "targets",
-    "targets_segmentation",
-    "targets_position",
+    "targets_segment_ids",
+    "targets_positions",
 }
 Example = tuple[tuple[int, ...], tuple[int, ...]]
 
@@ -101,7 +101,7 @@ def test_batch_format(pairs: list[tuple[str, str]], tokenizer: Tokenizer) -> Non
             length = 32 if key.startswith("inputs") else 40
             assert value.shape == (4, length) and value.dtype == np.int32, key
         for side in ("inputs", "targets"):
-            ids, seg, pos = (batch[side], batch[f"{side}_segmentation"], batch[f"{side}_position"])
+            ids, seg, pos = (batch[side], batch[f"{side}_segment_ids"], batch[f"{side}_positions"])
             # Padding is PAD_ID with segment 0 and position 0.
             assert np.all(ids[seg == 0] == PAD_ID) and np.all(pos[seg == 0] == 0)
             for row in range(ids.shape[0]):
@@ -116,7 +116,7 @@ def test_batch_format(pairs: list[tuple[str, str]], tokenizer: Tokenizer) -> Non
                     assert np.count_nonzero(ids[row][where] == EOS_ID) == 1
         # Source and target of an example share the row and segment id.
         np.testing.assert_array_equal(
-            batch["inputs_segmentation"].max(axis=1), batch["targets_segmentation"].max(axis=1)
+            batch["inputs_segment_ids"].max(axis=1), batch["targets_segment_ids"].max(axis=1)
         )
 
 
@@ -147,7 +147,7 @@ def test_last_batch_is_padded_not_dropped(
     assert len(batches) == 1
     batch = batches[0]
     assert batch["inputs"].shape == (16, 32)
-    empty_rows = batch["targets_segmentation"].max(axis=1) == 0
+    empty_rows = batch["targets_segment_ids"].max(axis=1) == 0
     assert empty_rows.any() and np.all(batch["targets"][empty_rows] == PAD_ID)
     assert packing_stats(batches)["examples"] == 13
 
@@ -281,39 +281,42 @@ def test_eval_batches_keep_every_example_in_order(
     expected_cut = sum(1 for s, _ in _tokenized(data, tokenizer) if len(s) > 10)
     assert eval_batches.num_truncated == expected_cut > 0
     assert f"truncated {expected_cut} of 21" in caplog.text
-    mask = np.concatenate([b["mask"] for b in batches])
-    index = np.concatenate([b["index"] for b in batches])
+    mask = np.concatenate([b.mask for b in batches])
+    index = np.concatenate([b.index for b in batches])
     assert mask.dtype == bool and mask.sum() == 21 and list(mask) == [True] * 21 + [False] * 3
     assert list(index) == [*range(21), -1, -1, -1]
     assert eval_batches.references == [t for _, t in data]
     assert eval_batches.sources == [s for s, _ in data]
     for batch in batches:
-        assert batch["inputs"].shape == (8, 10) and batch["targets"].shape == (8, 64)
+        assert batch.arrays["inputs"].shape == (8, 10) and batch.arrays["targets"].shape == (8, 64)
         for row in range(8):
-            i = batch["index"][row]
+            i = batch.index[row]
             if i < 0:
                 assert (
-                    not batch["inputs"][row].any() and not batch["inputs_segmentation"][row].any()
+                    not batch.arrays["inputs"][row].any()
+                    and not batch.arrays["inputs_segment_ids"][row].any()
                 )
                 continue
-            n = int(batch["inputs_segmentation"][row].sum())
-            assert batch["inputs"][row][n - 1] == EOS_ID
-            assert list(batch["inputs_position"][row][:n]) == list(range(n))
+            n = int(batch.arrays["inputs_segment_ids"][row].sum())
+            assert batch.arrays["inputs"][row][n - 1] == EOS_ID
+            assert list(batch.arrays["inputs_positions"][row][:n]) == list(range(n))
             source_ids = tokenizer.encode(data[i][0])
             if len(source_ids) < 10:
-                assert list(batch["inputs"][row][: n - 1]) == source_ids
+                assert list(batch.arrays["inputs"][row][: n - 1]) == source_ids
             else:
-                assert list(batch["inputs"][row][: n - 1]) == source_ids[:9]
+                assert list(batch.arrays["inputs"][row][: n - 1]) == source_ids[:9]
             # Targets are never cut here (64 is enough), so they decode to the reference.
-            assert tokenizer.decode(batch["targets"][row]) == data[i][1]
+            assert tokenizer.decode(batch.arrays["targets"][row]) == data[i][1]
     # Re-iterable: a second evaluation sees the same batches.
-    _assert_same_batches(batches, list(eval_batches))
+    flat = [{**b.arrays, "index": b.index} for b in batches]
+    _assert_same_batches(flat, [{**b.arrays, "index": b.index} for b in eval_batches])
 
 
 def test_eval_batches_without_targets(pairs: list[tuple[str, str]], tokenizer: Tokenizer) -> None:
     """Without max_target_length only the source side is batched."""
     batch = next(iter(make_eval_batches(pairs[:3], tokenizer, batch_size=4, max_source_length=64)))
-    assert set(batch) == {"inputs", "inputs_segmentation", "inputs_position", "mask", "index"}
+    assert set(batch.arrays) == {"inputs", "inputs_segment_ids", "inputs_positions"}
+    assert list(batch.index) == [0, 1, 2, -1] and list(batch.mask) == [True] * 3 + [False]
 
 
 def test_eval_batches_sharded_over_hosts(
@@ -334,7 +337,7 @@ def test_eval_batches_sharded_over_hosts(
         for i in range(2)
     ]
     assert len(hosts[0]) == len(hosts[1]) == 3
-    indices = [int(i) for host in hosts for b in host for i in b["index"][b["mask"]]]
+    indices = [int(i) for host in hosts for b in host for i in b.index[b.mask]]
     assert sorted(indices) == list(range(21))
 
 
@@ -365,5 +368,5 @@ def test_mock_tfds_end_to_end(tmp_path: Any) -> None:
     counts = filter_counts(iterator)
     assert counts["kept"] + counts["empty"] + counts["too_long"] == 40
     assert packing_stats(batches)["examples"] == counts["kept"] > 0
-    assert sum(int(b["mask"].sum()) for b in eval_list) == len(test) == 40
+    assert sum(int(b.mask.sum()) for b in eval_list) == len(test) == 40
     assert len(eval_batches.references) == 40

@@ -174,8 +174,8 @@ def test_load_or_train_reuses_the_workdir_model(
         calls.append(1)
         return _sentences(100)
 
-    first = load_or_train_tokenizer(tmp_path / "work", sentences, vocab_size=80)
     model = tmp_path / "work" / "tokenizer.model"
+    first = load_or_train_tokenizer(model, sentences, vocab_size=80)
     assert Path(first.path) == model and len(calls) == 1
     assert sorted(p.name for p in model.parent.iterdir()) == ["tokenizer.model", "tokenizer.vocab"]
     mtime = model.stat().st_mtime_ns
@@ -184,7 +184,7 @@ def test_load_or_train_reuses_the_workdir_model(
         raise AssertionError("retrained")
 
     monkeypatch.setattr(tokenizer_lib, "train_tokenizer", fail)
-    second = load_or_train_tokenizer(tmp_path / "work", sentences, vocab_size=80)
+    second = load_or_train_tokenizer(model, sentences, vocab_size=80)
     assert len(calls) == 1 and model.stat().st_mtime_ns == mtime
     assert second.encode("der hund") == first.encode("der hund")
 
@@ -199,7 +199,7 @@ def test_load_or_train_leaves_no_partial_model(
 
     monkeypatch.setattr(tokenizer_lib, "train_tokenizer", crash)
     with pytest.raises(KeyboardInterrupt):
-        load_or_train_tokenizer(tmp_path, lambda: _sentences(10), vocab_size=80)
+        load_or_train_tokenizer(tmp_path / "tokenizer.model", lambda: _sentences(10), vocab_size=80)
     assert not (tmp_path / "tokenizer.model").exists()
 
 

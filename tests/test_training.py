@@ -19,11 +19,12 @@ import optax
 import pytest
 from conftest import ROOT, checkpoint_params, tiny_train_config
 
-from transformer_jax import cpu_malloc
+from transformer_jax import cpu_malloc, experiment
 from transformer_jax.config import PAD_ID, ModelConfig
 from transformer_jax.model import Transformer
+from transformer_jax.state import init_state
 from transformer_jax.training import loss, optim, step
-from transformer_jax.training.loop import train_and_evaluate, validate_config
+from transformer_jax.training.loop import train_and_evaluate
 
 SMALL = ModelConfig.preset(
     "tiny",
@@ -117,20 +118,20 @@ def _packed(examples: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarr
         for k in (
             "inputs",
             "targets",
-            "inputs_segmentation",
-            "targets_segmentation",
-            "inputs_position",
-            "targets_position",
+            "inputs_segment_ids",
+            "targets_segment_ids",
+            "inputs_positions",
+            "targets_positions",
         )
     }
     for pair in (examples[:2], examples[2:]):
         for side, key in ((0, "inputs"), (1, "targets")):
             seqs = [p[side] for p in pair]
             batch[key].append(np.concatenate(seqs))
-            batch[f"{key}_segmentation"].append(
+            batch[f"{key}_segment_ids"].append(
                 np.concatenate([np.full(len(s), i + 1) for i, s in enumerate(seqs)])
             )
-            batch[f"{key}_position"].append(np.concatenate([np.arange(len(s)) for s in seqs]))
+            batch[f"{key}_positions"].append(np.concatenate([np.arange(len(s)) for s in seqs]))
     return {k: _pad(v, 12) for k, v in batch.items()}
 
 
@@ -163,7 +164,7 @@ def test_gradient_accumulation_equals_one_large_batch(k: int) -> None:
     # first step is lr * sign(g), which turns rounding noise in near-zero gradients into +-lr.)
     schedule = optim.paper_schedule(d_model=16, warmup_steps=5)
     optimizer = optax.sgd(schedule)
-    state = nn.unbox(step.init_state(model, optimizer, jax.random.key(0), (1, 4), (1, 4)))
+    state = nn.unbox(init_state(model, optimizer, jax.random.key(0), (1, 4), (1, 4)))
     # Uneven token counts per row, so per-micro-batch means would differ from the true mean.
     inputs = rng.integers(4, 40, (8, 6)).astype(np.int32)
     targets = rng.integers(4, 40, (8, 5)).astype(np.int32)
@@ -188,7 +189,9 @@ MESH_SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np, optax, flax.linen as nn
     from transformer_jax.config import ModelConfig
     from transformer_jax.model import Transformer
-    from transformer_jax.training import optim, sharding, step
+    from transformer_jax import sharding
+    from transformer_jax.state import init_state
+    from transformer_jax.training import optim, step
 
     assert jax.device_count() == 8, jax.devices()
     cfg = ModelConfig.preset("tiny", vocab_size=64, d_model=32, num_heads=4, d_ff=64,
@@ -246,7 +249,7 @@ MESH_SCRIPT = textwrap.dedent(
             model = models[variant]
             shape, devices = STRATEGIES[name]
             mesh = sharding.make_mesh(shape, devices)
-            init_fn = lambda: step.init_state(model, opt, jax.random.key(0), (1, 8), (1, 8))
+            init_fn = lambda: init_state(model, opt, jax.random.key(0), (1, 8), (1, 8))
             with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
                 state, shardings = sharding.sharded_init(init_fn, mesh, rules)
                 data = sharding.batch_sharding(mesh)
@@ -421,7 +424,7 @@ def _load_config_file(path: Path):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("[!_]*.py")), ids=lambda p: p.stem)
 def test_every_config_file_loads_and_validates(path: Path) -> None:
     config = _load_config_file(path)
-    model_config = validate_config(config)
+    model_config = experiment.validate(config, jax.devices())
     assert isinstance(model_config, ModelConfig)
     # The model section is the whole ModelConfig: no field copied by hand or forgotten.
     assert set(config.model.keys()) == set(model_config.to_dict())
@@ -430,8 +433,8 @@ def test_every_config_file_loads_and_validates(path: Path) -> None:
 def test_paper_configs_carry_the_papers_recipe() -> None:
     base = _load_config_file(ROOT / "configs" / "wmt14_ende_base.py")
     big = _load_config_file(ROOT / "configs" / "wmt14_ende_big.py")
-    assert validate_config(base) == ModelConfig.preset("base", dtype="bfloat16")
-    assert validate_config(big) == ModelConfig.preset("big", dtype="bfloat16")
+    assert experiment.validate(base) == ModelConfig.preset("base", dtype="bfloat16")
+    assert experiment.validate(big) == ModelConfig.preset("big", dtype="bfloat16")
     for config in (base, big):
         assert (config.optim.b1, config.optim.b2, config.optim.eps) == (0.9, 0.98, 1e-9)
         assert config.optim.warmup_steps == 4000
@@ -485,7 +488,7 @@ def test_missing_data_file_is_named(small_corpus: Path, tmp_path: Path) -> None:
 def test_checkpoint_round_trips_state_rng_and_iterator(tmp_path: Path) -> None:
     import grain
 
-    from transformer_jax.training.checkpoint import Checkpointer
+    from transformer_jax.workdir import Workdir
 
     def numbers() -> grain.DatasetIterator:
         return iter(grain.MapDataset.range(100).shuffle(seed=3).to_iter_dataset())
@@ -495,7 +498,7 @@ def test_checkpoint_round_trips_state_rng_and_iterator(tmp_path: Path) -> None:
         next(iterator)
     state = {"step": jnp.array(7), "params": {"w": jnp.arange(6.0).reshape(2, 3)}}
     rng = jax.random.key(1234)
-    ckpt = Checkpointer(tmp_path, save_every=5, max_to_keep=2, async_save=True)
+    ckpt = Workdir(tmp_path).checkpoints(save_every=5, max_to_keep=2, async_save=True)
     assert not ckpt.maybe_save(7, state, iterator, rng)  # not a multiple of 5
     assert ckpt.maybe_save(10, state, iterator, rng)
     expected_next = [next(iterator) for _ in range(3)]  # the save must not see these
@@ -515,14 +518,14 @@ def test_cloud_workdir_stays_a_url_and_its_files_go_through_epath(
 ) -> None:
     from etils import epath
 
-    from transformer_jax.training import checkpoint
+    from transformer_jax.workdir import Workdir, workdir_path
 
     # pathlib made gs://bucket/run a local ./gs:/bucket/run on each host of a pod.
-    url = checkpoint.workdir_path("gs://bucket/run")
+    url = workdir_path("gs://bucket/run")
     assert os.fspath(url) == "gs://bucket/run"
-    assert os.fspath(url / checkpoint.CHECKPOINT_DIR) == "gs://bucket/run/checkpoints"
+    assert os.fspath(url / Workdir.CHECKPOINTS) == "gs://bucket/run/checkpoints"
     monkeypatch.chdir(tmp_path)
-    assert os.fspath(checkpoint.workdir_path("runs/x")) == str(tmp_path / "runs" / "x")
+    assert os.fspath(workdir_path("runs/x")) == str(tmp_path / "runs" / "x")
 
     # Stand-in bucket: epath's gs:// backend redirected to a local folder. With TensorFlow
     # installed, epath would route gs:// to tf.io.gfile and bypass the mock (real GCS).
@@ -542,19 +545,20 @@ def test_cloud_workdir_stays_a_url_and_its_files_go_through_epath(
     mocks = dict.fromkeys(("open", "exists", "isdir", "listdir", "makedirs", "mkdir"), one)
     with epath.testing.mock_epath(**mocks, replace=two, rename=two):  # type: ignore[arg-type]
         url.mkdir(parents=True)  # as train_and_evaluate does first
-        checkpoint.write_model_config("gs://bucket/run", SMALL)
-        checkpoint.write_model_config("gs://bucket/run", SMALL)  # the same model: accepted
+        cloud = Workdir("gs://bucket/run")
+        cloud.write_model_config(SMALL)
+        cloud.write_model_config(SMALL)  # the same model: accepted
         with pytest.raises(ValueError, match=r"gs://bucket/run/model_config\.json"):
-            checkpoint.write_model_config("gs://bucket/run", SMALL.replace(d_ff=64))
-        assert checkpoint.checkpoint_steps("gs://bucket/run") == []
+            cloud.write_model_config(SMALL.replace(d_ff=64))
+        assert cloud.steps() == []
         with pytest.raises(FileNotFoundError, match="gs://bucket/run/checkpoints: no checkpoints"):
-            checkpoint.restore_params("gs://bucket/run", None, {})
+            cloud.restore_params(None, {})
     assert ModelConfig.load(bucket / "bucket" / "run" / "model_config.json") == SMALL
     assert not (tmp_path / "gs:").exists()
 
 
 def test_mesh_whose_tensor_groups_span_processes_is_refused() -> None:
-    from transformer_jax.training import sharding
+    from transformer_jax import sharding
 
     # Process index per device, laid out (data, fsdp, tensor).
     sharding.check_rows_stay_on_one_process(np.array([0, 0, 1, 1]).reshape(2, 1, 2))

@@ -20,18 +20,17 @@ import sys
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 from jax.experimental import topologies
 from jax.sharding import Mesh
 
+from transformer_jax import experiment, sharding
 from transformer_jax.config import ModelConfig
 from transformer_jax.data import pipeline
-from transformer_jax.model import Transformer
-from transformer_jax.training import metrics, optim, sharding
-from transformer_jax.training.step import init_state, make_train_step
+from transformer_jax.training import metrics
+from transformer_jax.training.program import build
 
 GIB = 1024**3
 
@@ -220,74 +219,39 @@ def topology_mesh(config: ml_collections.ConfigDict, devices: list[Any]) -> Mesh
     return mesh
 
 
-def _abstract(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-    )
-
-
 def compile_train_step(
     config: ml_collections.ConfigDict, topology: Topology, devices: list[Any]
 ) -> tuple[Any, Report]:
     """Lower and compile the loop's train step for the topology; returns (compiled, report)."""
-    model_config = ModelConfig.from_dict(config.model.to_dict(), source="config.model")
+    # The same checks and the same build as train.py: a config one refuses, both refuse.
+    model_config = experiment.validate(config, devices)
     mesh = topology_mesh(config, devices)
-    rules = sharding.rules_from_config(config.mesh.logical_axis_rules)
-    model = Transformer(model_config)
-    # The same optimizer as training/loop.py build(), so the state (Adam moments) is the real one.
-    optimizer, schedule = optim.optimizer_from_config(config.optim, model_config.d_model)
-    grad_accum = config.optim.grad_accum_steps
+    program = build(config, model_config, mesh)
     num_hosts = len({d.process_index for d in devices})
     # Rows as train_and_evaluate picks them on each of the slice's hosts.
     rows_per_host = pipeline.rows_for_token_budget(
         config.data.tokens_per_batch,
         config.data.max_target_length,
         num_hosts,
-        multiple_of=len(devices) // num_hosts * grad_accum,
+        multiple_of=len(devices) // num_hosts * config.optim.grad_accum_steps,
     )
     rows = rows_per_host * num_hosts
     src_len, tgt_len = config.data.max_source_length, config.data.max_target_length
-
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(
-            lambda: init_state(model, optimizer, jax.random.key(config.seed), (1, 8), (1, 8))
+    batch = {
+        key: jax.ShapeDtypeStruct(
+            (rows, src_len if key in pipeline.SOURCE_KEYS else tgt_len),
+            jnp.int32,
+            sharding=program.rows,
         )
-        state_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-        # Unboxing outside a trace must not apply the boxes' sharding constraints.
-        unboxed = jax.tree.map(
-            lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
-            boxed,
-            is_leaf=lambda x: isinstance(x, nn.Partitioned),
-        )
-        state = _abstract(unboxed, state_shardings)
-        data_sharding = sharding.batch_sharding(mesh)
-        replicated = sharding.replicated(mesh)
-        batch = {
-            key: jax.ShapeDtypeStruct(
-                (rows, src_len if key.startswith("inputs") else tgt_len),
-                jnp.int32,
-                sharding=data_sharding,
-            )
-            for key in pipeline.BATCH_KEYS
-        }
-        rng = jax.ShapeDtypeStruct(
-            (), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated
-        )
-        train_step = jax.jit(
-            make_train_step(
-                model,
-                optimizer,
-                schedule,
-                label_smoothing=config.optim.label_smoothing,
-                grad_accum_steps=grad_accum,
-            ),
-            in_shardings=(state_shardings, data_sharding, replicated),
-            out_shardings=(state_shardings, replicated),
-            donate_argnums=(0,),
-        )
+        for key in pipeline.BATCH_KEYS
+    }
+    rng = jax.ShapeDtypeStruct(
+        (), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=sharding.replicated(mesh)
+    )
+    with program.context():
         start = time.perf_counter()
         try:
-            compiled = train_step.lower(state, batch, rng).compile()
+            compiled = program.train_step.lower(program.abstract_state, batch, rng).compile()
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower():
                 raise DoesNotFitError(
@@ -296,7 +260,9 @@ def compile_train_step(
                 ) from e
             raise
         compile_s = time.perf_counter() - start
-    report = _report(config, topology, mesh, compiled, model_config, state, rows, compile_s)
+    report = _report(
+        config, topology, mesh, compiled, model_config, program.abstract_state, rows, compile_s
+    )
     return compiled, report
 
 

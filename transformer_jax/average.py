@@ -12,44 +12,34 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from etils import epath
-
 from transformer_jax.cli import quiet_libraries
+from transformer_jax.workdir import Workdir
 
 
-def average_checkpoints(
-    workdir: epath.Path, steps: Sequence[int], output: epath.Path
-) -> epath.Path:
+def average_checkpoints(workdir: Workdir, steps: Sequence[int], output: Workdir) -> Workdir:
     """Write the elementwise mean of the given steps' parameters as a new workdir."""
     import jax
     import numpy as np
 
-    from transformer_jax.config import ModelConfig
-    from transformer_jax.inference.translator import abstract_params
-    from transformer_jax.training import checkpoint, sharding
+    from transformer_jax import sharding
+    from transformer_jax.state import abstract_train_state
 
-    config = ModelConfig.load(workdir / checkpoint.MODEL_CONFIG_FILE)
+    config = workdir.read_model_config()
     mesh = sharding.make_mesh({"data": -1})
-    abstract = abstract_params(config, mesh, sharding.DEFAULT_RULES)
+    abstract = abstract_train_state(config, mesh, sharding.DEFAULT_RULES).params
     total: Any = None
     for step in steps:
-        params, _ = checkpoint.restore_params(workdir, step, abstract)
+        params, _ = workdir.restore_params(step, abstract)
         # Accumulate in float64 on the host so the mean does not depend on the order.
         host = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
         total = host if total is None else jax.tree.map(np.add, total, host)
         del params
     mean = jax.tree.map(lambda x, a: (x / len(steps)).astype(a.dtype), total, abstract)
-    output.mkdir(parents=True, exist_ok=True)
-    for name in (
-        checkpoint.MODEL_CONFIG_FILE,
-        checkpoint.TOKENIZER_FILE,
-        "tokenizer.vocab",
-        "config.json",
-    ):
-        if (workdir / name).exists():
-            (workdir / name).copy(output / name, overwrite=True)
-    (output / "averaged_from.txt").write_text(f"{workdir} steps {', '.join(map(str, steps))}\n")
-    checkpoint.save_params(output, max(steps), mean)
+    workdir.copy_metadata_to(output)
+    (output.path / Workdir.AVERAGED_FROM).write_text(
+        f"{workdir} steps {', '.join(map(str, steps))}\n"
+    )
+    output.save_params(max(steps), mean)
     return output
 
 
@@ -62,10 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_libraries()
 
-    from transformer_jax.training.checkpoint import checkpoint_steps, workdir_path
-
-    workdir = workdir_path(args.workdir)
-    steps = checkpoint_steps(workdir)
+    workdir = Workdir(args.workdir)
+    steps = workdir.steps()
     if args.last < 1:
         parser.error("--last must be at least 1")
     if len(steps) < args.last:
@@ -73,8 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{workdir}: {len(steps)} checkpoint(s) ({steps}) but --last {args.last} asked; "
             "raise train.max_to_keep or average fewer"
         )
-    output = workdir_path(args.output or workdir / f"averaged_last{args.last}")
-    if (output / "checkpoints").exists():
+    output = Workdir(args.output or workdir.path / f"averaged_last{args.last}")
+    if output.steps():
         raise SystemExit(f"{output}: already holds checkpoints; remove it or pass --output")
     chosen = steps[-args.last :]
     average_checkpoints(workdir, chosen, output)

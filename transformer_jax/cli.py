@@ -39,7 +39,23 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Translator.translate keyword arguments from parsed flags."""
+    """Translator.translate keyword arguments from parsed flags; bad values exit naming the flag."""
+    from transformer_jax.inference.engine import DecodeSettings
+
+    try:
+        DecodeSettings(
+            method=args.method,
+            beam_size=args.beam_size,
+            alpha=args.alpha,
+            extra_length=args.extra_length,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: --{e}") from e
+    if args.batch_size < 1:
+        raise SystemExit(f"error: --batch_size={args.batch_size}: must be >= 1")
     return {
         "method": args.method,
         "beam_size": args.beam_size,

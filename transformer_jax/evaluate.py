@@ -12,55 +12,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from etils import epath
-
 from transformer_jax.cli import add_decoding_flags, decoding_kwargs, quiet_libraries
 
 
-def score(hypotheses: list[str], references: list[str]) -> dict[str, object]:
-    """Corpus sacreBLEU and chrF (detokenized, cased) with their signatures."""
-    import sacrebleu
+def workdir_pairs(workdir: str, split: str) -> list[tuple[str, str]]:
+    """The split from the data source recorded in the workdir's config.json (checked first)."""
+    from transformer_jax import experiment
+    from transformer_jax.workdir import Workdir
 
-    bleu = sacrebleu.metrics.BLEU()
-    chrf = sacrebleu.metrics.CHRF()
-    bleu_score = bleu.corpus_score(hypotheses, [references])
-    chrf_score = chrf.corpus_score(hypotheses, [references])
-    return {
-        "bleu": round(bleu_score.score, 4),
-        "chrf": round(chrf_score.score, 4),
-        "signature": str(bleu.get_signature()),
-        "chrf_signature": str(chrf.get_signature()),
-        "bleu_details": str(bleu_score),
-        "num_sentences": len(hypotheses),
-    }
-
-
-def workdir_pairs(workdir: epath.Path, split: str) -> list[tuple[str, str]]:
-    """The split from the data source recorded in the workdir's config.json."""
-    import ml_collections
-
-    from transformer_jax.training.loop import load_split
-
-    config_path = workdir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(
-            f"{config_path}: missing, so the workdir's data source is unknown; pass --source "
-            "and --reference files instead"
-        )
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-    return list(load_split(config, split))
-
-
-def read_text(path: str) -> list[str]:
-    """One sentence per line, UTF-8, the file named on errors."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 ({e})") from e
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return lines
+    config = Workdir(workdir).experiment_config_or_raise(
+        "the workdir's data source is unknown; pass --source and --reference files instead"
+    )
+    experiment.validate(config)
+    return list(experiment.load_split(config, split))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,34 +43,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.source is None) != (args.reference is None):
         parser.error("--source and --reference go together")
     quiet_libraries()
+    decoding = decoding_kwargs(args)
 
+    from transformer_jax import evaluation
+    from transformer_jax.data.sources import read_lines
     from transformer_jax.inference.translator import load
-    from transformer_jax.training.checkpoint import workdir_path
+    from transformer_jax.workdir import Workdir
 
-    workdir = workdir_path(args.workdir)
-    if args.source:
-        sources, references = read_text(args.source), read_text(args.reference)
-        if len(sources) != len(references):
-            raise SystemExit(
-                f"{args.source} has {len(sources)} lines but {args.reference} has "
-                f"{len(references)}; they must be line-aligned"
-            )
-        name = Path(args.source).stem
-    else:
-        pairs = workdir_pairs(workdir, args.split)
-        sources, references = [s for s, _ in pairs], [t for _, t in pairs]
-        name = args.split
+    try:
+        if args.source:
+            sources, references = read_lines(args.source), read_lines(args.reference)
+            if len(sources) != len(references):
+                raise ValueError(
+                    f"{args.source} has {len(sources)} lines but {args.reference} has "
+                    f"{len(references)}; they must be line-aligned"
+                )
+            name = Path(args.source).stem
+        else:
+            pairs = workdir_pairs(args.workdir, args.split)
+            sources, references = [s for s, _ in pairs], [t for _, t in pairs]
+            name = args.split
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from e
     if args.limit:
         sources, references = sources[: args.limit], references[: args.limit]
-    translator = load(workdir, args.step)
-    hypotheses = translator.translate(sources, progress=True, **decoding_kwargs(args))
-    output = workdir_path(args.output or workdir / f"{name}.step{translator.step}.hyp.txt")
-    output.write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
-    result = score(hypotheses, references)
+    translator = load(args.workdir, args.step)
+    hypotheses = translator.translate(sources, progress=True, **decoding)
+    output = args.output or Workdir(args.workdir).hypotheses_path(name, translator.step)
+    evaluation.write_hypotheses(output, hypotheses)
+    result = evaluation.score(hypotheses, references)
     result.update(
         {
             "step": translator.step,
-            "workdir": str(workdir),
+            "workdir": str(translator.workdir),
             "hypotheses": str(output),
             "method": args.method,
             "beam_size": args.beam_size,

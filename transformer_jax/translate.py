@@ -9,15 +9,6 @@ from collections.abc import Sequence
 from transformer_jax.cli import add_decoding_flags, decoding_kwargs, quiet_libraries
 
 
-def read_lines(stream: object) -> list[str]:
-    """Lines without their newline; a final line without one is kept."""
-    text = stream.read()  # type: ignore[attr-defined]
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line.rstrip("\r") for line in lines]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Translate stdin (or --input) to stdout (or --output), keeping line alignment."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -26,18 +17,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", default=None, help="file to write (default: stdout)")
     args = parser.parse_args(argv)
     quiet_libraries()
+    decoding = decoding_kwargs(args)
 
+    from transformer_jax.data.sources import read_lines
     from transformer_jax.inference.translator import load
 
-    if args.input:
-        with open(args.input, encoding="utf-8") as f:
-            lines = read_lines(f)
-    else:
-        lines = read_lines(sys.stdin)
+    try:
+        lines = read_lines(args.input or sys.stdin.buffer, None if args.input else "<stdin>")
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from e
     translator = load(args.workdir, args.step)
     # A progress bar for files and pipes; not when someone types lines interactively.
     progress = bool(args.input) or not sys.stdin.isatty()
-    outputs = translator.translate(lines, progress=progress, **decoding_kwargs(args))
+    outputs = translator.translate(lines, progress=progress, **decoding)
     # A newline inside a translation would break line alignment; it cannot come from the
     # tokenizer, but guard the contract anyway.
     text = "".join(out.replace("\n", " ") + "\n" for out in outputs)

@@ -8,14 +8,16 @@ Training (`make_train_dataset`):
 
 Every batch is a dict of int32 numpy arrays with static shapes:
 
-    inputs, inputs_segmentation, inputs_position      [B, S]
-    targets, targets_segmentation, targets_position   [B, T]
+    inputs, inputs_segment_ids, inputs_positions      [B, S]
+    targets, targets_segment_ids, targets_positions   [B, T]
 
-Several examples share a row; the segmentation ids number them 1, 2, 3, ... within the row
+These are grain's packer names, kept unchanged up to the model call (`training.step.model_inputs`
+is the one place they meet the model's argument names). Several examples share a row; the
+segment ids number them 1, 2, 3, ... within the row
 (0 marks padding) and positions restart at 0 for each example. An example's source and target
 are in the same row under the same segment id. Targets end with EOS and carry no BOS: the model
 shifts them right, putting BOS at every position 0. With a finite `num_epochs` the last batch
-is filled with all-PAD rows (segmentation 0 everywhere) instead of being dropped.
+is filled with all-PAD rows (segment id 0 everywhere) instead of being dropped.
 
 The iterator (`iter(dataset)`) is a `grain.DatasetIterator`: `get_state()` returns a dict of
 ints (JSON-serializable) and `set_state(state)` on a fresh iterator of the same dataset resumes
@@ -23,7 +25,8 @@ exactly where the state was taken.
 
 Evaluation (`make_eval_batches`) keeps every example in input order without packing: rows of
 one example each, the last batch padded with all-PAD rows, a `mask` marking real rows and an
-`index` giving each row's position in the input.
+`index` giving each row's position in the input (-1 for padding rows), apart from the arrays
+the model reads.
 """
 
 from __future__ import annotations
@@ -48,17 +51,11 @@ Pair = tuple[str, str]
 # new corpus with packing_stats().
 DEFAULT_FILL_RATIO = 0.9
 
-# grain's packer names its outputs <feature>_segment_ids / <feature>_positions.
-_RENAMES = {
-    "inputs": "inputs",
-    "inputs_segment_ids": "inputs_segmentation",
-    "inputs_positions": "inputs_position",
-    "targets": "targets",
-    "targets_segment_ids": "targets_segmentation",
-    "targets_positions": "targets_position",
-}
-# The six [rows, length] int32 arrays of every packed batch (the train step's input contract).
-BATCH_KEYS = tuple(_RENAMES.values())
+# The six [rows, length] int32 arrays of every packed batch (the train step's input contract),
+# named as grain's packer names them: <feature>, <feature>_segment_ids, <feature>_positions.
+SOURCE_KEYS = ("inputs", "inputs_segment_ids", "inputs_positions")
+TARGET_KEYS = ("targets", "targets_segment_ids", "targets_positions")
+BATCH_KEYS = SOURCE_KEYS + TARGET_KEYS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,20 +257,20 @@ class LengthFilterIterator(grain.DatasetIterator):
 
 
 class _PadRows:
-    """grain batch_fn: stack packed rows, pad a short final batch with empty rows, rename keys."""
+    """grain batch_fn: stack packed rows and pad a short final batch with empty rows."""
 
     def __init__(self, batch_size: int) -> None:
         self._batch_size = batch_size
 
     def __call__(self, rows: Sequence[dict[str, np.ndarray]]) -> Batch:
         batch: Batch = {}
-        for key, name in _RENAMES.items():
+        for key in BATCH_KEYS:
             stacked = np.stack([row[key] for row in rows]).astype(np.int32, copy=False)
             missing = self._batch_size - len(rows)
             if missing:
-                # PAD_ID 0 with segmentation 0 everywhere: rows the loss and attention ignore.
+                # PAD_ID 0 with segment id 0 everywhere: rows the loss and attention ignore.
                 stacked = np.pad(stacked, ((0, missing), (0, 0)), constant_values=PAD_ID)
-            batch[name] = stacked
+            batch[key] = stacked
         return batch
 
 
@@ -335,13 +332,13 @@ def packing_stats(batches: Iterable[Batch]) -> dict[str, float]:
     stats = {"batches": 0, "rows": 0, "examples": 0, "source_tokens": 0, "target_tokens": 0}
     source_slots = target_slots = 0
     for batch in batches:
-        segments = batch["targets_segmentation"]
+        segments = batch["targets_segment_ids"]
         stats["batches"] += 1
         stats["rows"] += segments.shape[0]
         stats["examples"] += int(segments.max(axis=1).sum())
-        stats["source_tokens"] += int(np.count_nonzero(batch["inputs_segmentation"]))
+        stats["source_tokens"] += int(np.count_nonzero(batch["inputs_segment_ids"]))
         stats["target_tokens"] += int(np.count_nonzero(segments))
-        source_slots += batch["inputs_segmentation"].size
+        source_slots += batch["inputs_segment_ids"].size
         target_slots += segments.size
     return {
         **stats,
@@ -355,9 +352,9 @@ def unpack_batch(batch: Batch) -> list[tuple[list[int], list[int]]]:
     """The (source ids, target ids) of every example packed in a batch, row by row."""
     examples = []
     for row in range(batch["inputs"].shape[0]):
-        for segment in range(1, int(batch["targets_segmentation"][row].max()) + 1):
-            source = batch["inputs"][row][batch["inputs_segmentation"][row] == segment]
-            target = batch["targets"][row][batch["targets_segmentation"][row] == segment]
+        for segment in range(1, int(batch["targets_segment_ids"][row].max()) + 1):
+            source = batch["inputs"][row][batch["inputs_segment_ids"][row] == segment]
+            target = batch["targets"][row][batch["targets_segment_ids"][row] == segment]
             examples.append((source.tolist(), target.tolist()))
     return examples
 
@@ -366,15 +363,25 @@ def unpack_batch(batch: Batch) -> list[tuple[list[int], list[int]]]:
 # evaluation
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalBatch:
+    """One evaluation batch: the model's arrays and, apart from them, which example each row is."""
+
+    arrays: Batch  # SOURCE_KEYS [B, S], and TARGET_KEYS [B, T] when targets were asked for
+    index: np.ndarray  # [B] int32: the example's position in the input pairs; -1 for padding
+
+    @property
+    def mask(self) -> np.ndarray:
+        """[B] bool: True for rows that hold an example."""
+        return self.index >= 0
+
+
 @dataclasses.dataclass
 class EvalBatches:
-    """Every example of an eval split, in order; iterate for batches (re-iterable).
+    """Every example of an eval split, in order; iterate for `EvalBatch`es (re-iterable).
 
-    Each batch holds `inputs`, `inputs_segmentation`, `inputs_position` [B, S]; with a
-    max_target_length also `targets`, `targets_segmentation`, `targets_position` [B, T]; `mask`
-    [B] bool (True for real examples) and `index` [B] int32 (the example's position in the
-    input `pairs`, -1 for padding rows). `sources[i]` and `references[i]` are the raw texts of
-    example i of `pairs` (all of them, on every host); `indices` are this host's examples.
+    `sources[i]` and `references[i]` are the raw texts of example i of `pairs` (all of them, on
+    every host); `indices` are this host's examples.
     """
 
     batch_size: int
@@ -391,21 +398,19 @@ class EvalBatches:
     def __len__(self) -> int:
         return self.num_batches
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[EvalBatch]:
         for b in range(self.num_batches):
             start = b * self.batch_size
             chunk = range(start, min(start + self.batch_size, len(self.indices)))
-            batch = _pad_examples(
+            arrays = _pad_examples(
                 [self._inputs[i] for i in chunk], self.batch_size, self.max_source_length, "inputs"
             )
             if self._targets is not None and self.max_target_length is not None:
                 targets = [self._targets[i] for i in chunk]
-                batch |= _pad_examples(targets, self.batch_size, self.max_target_length, "targets")
-            batch["mask"] = np.zeros(self.batch_size, dtype=bool)
-            batch["mask"][: len(chunk)] = True
-            batch["index"] = np.full(self.batch_size, -1, dtype=np.int32)
-            batch["index"][: len(chunk)] = [self.indices[i] for i in chunk]
-            yield batch
+                arrays |= _pad_examples(targets, self.batch_size, self.max_target_length, "targets")
+            index = np.full(self.batch_size, -1, dtype=np.int32)
+            index[: len(chunk)] = [self.indices[i] for i in chunk]
+            yield EvalBatch(arrays, index)
 
 
 def make_eval_batches(
@@ -495,7 +500,7 @@ def _pad_examples(examples: list[np.ndarray], rows: int, length: int, name: str)
         ids[row, :n] = example
         segmentation[row, :n] = 1
         position[row, :n] = np.arange(n, dtype=np.int32)
-    return {name: ids, f"{name}_segmentation": segmentation, f"{name}_position": position}
+    return {name: ids, f"{name}_segment_ids": segmentation, f"{name}_positions": position}
 
 
 def _require(ok: bool, field: str, message: str) -> None:

@@ -18,7 +18,7 @@ import gzip
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args, overload
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, get_args, overload
 
 from absl import logging
 
@@ -183,8 +183,8 @@ def text_file_pairs(
     source_path: str | Path, target_path: str | Path, max_chars: int | None = DEFAULT_MAX_CHARS
 ) -> Pairs:
     """Line-aligned pairs from two files (one sentence per line; `.gz` is read transparently)."""
-    source_lines = _read_lines(source_path)
-    target_lines = _read_lines(target_path)
+    source_lines = read_lines(source_path)
+    target_lines = read_lines(target_path)
     if len(source_lines) != len(target_lines):
         raise ValueError(
             f"{source_path} has {len(source_lines)} lines but {target_path} has "
@@ -205,7 +205,7 @@ def tsv_pairs(
     """Pairs from tab-separated lines (no quoting; extra columns such as scores are ignored)."""
     needed = max(source_column, target_column) + 1
     rows: list[Pair] = []
-    for number, line in enumerate(_read_lines(path), start=1):
+    for number, line in enumerate(read_lines(path), start=1):
         if not line.strip():
             rows.append(("", ""))  # Counted as empty by _filter_pairs, like a blank text line.
             continue
@@ -220,21 +220,31 @@ def tsv_pairs(
     return _filter_pairs(rows, str(path), max_chars)
 
 
-def _read_lines(path: str | Path) -> list[str]:
-    """All lines of a UTF-8 file, without line ends; bad bytes name the file and line."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+def read_lines(source: str | Path | BinaryIO, name: str | None = None) -> list[str]:
+    """All lines of UTF-8 text, without line ends: a file (`.gz` read transparently) or a stream.
+
+    The one set of line rules for every command and source: lines end at "\\n" only (a "\\r"
+    before it is dropped), a final line without one is kept, a byte-order mark is not part of
+    the first line, and invalid UTF-8 is a ValueError naming the file (or `name`) and line.
+    """
+    if isinstance(source, str | Path):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file")
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            data = f.read()
+        name = name or str(path)
+    else:
+        data = source.read()
+        name = name or getattr(source, "name", "<stream>")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         bad = data[e.start : e.start + 4]
         raise ValueError(
-            f"{path}:{line}: invalid UTF-8 (bytes {bad!r}); re-encode the file as UTF-8, "
+            f"{name}:{line}: invalid UTF-8 (bytes {bad!r}); re-encode the text as UTF-8, "
             "e.g. `iconv -f latin1 -t utf-8`."
         ) from e
     # Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085, form feeds, ...,

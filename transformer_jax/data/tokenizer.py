@@ -27,7 +27,6 @@ from etils import epath
 
 from transformer_jax.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
-TOKENIZER_FILENAME = "tokenizer.model"
 ModelType = Literal["bpe", "unigram"]
 PathLike = str | os.PathLike
 
@@ -198,31 +197,33 @@ def train_tokenizer(
 
 
 def load_or_train_tokenizer(
-    workdir_path: PathLike,
+    model_path: PathLike,
     sentences_fn: Callable[[], Iterable[str]],
     vocab_size: int,
     **train_kwargs: Any,
 ) -> Tokenizer:
-    """Reuse `<workdir>/tokenizer.model` if present; otherwise train it and save it there.
+    """Reuse the sentencepiece model at `model_path` (a `.model` file) or train it there.
 
     `sentences_fn` is only called when training is needed. The model is trained in a local
     temporary folder, copied next to its final name and renamed, so a crash never leaves a
-    partial `tokenizer.model`. Training is deterministic, so hosts racing to write it write the
-    same vocabulary (the bytes differ only in the recorded temporary input path).
+    partial model; the `.vocab` file lands beside it first. Training is deterministic, so hosts
+    racing to write it write the same vocabulary (the bytes differ only in the recorded
+    temporary input path).
     """
-    workdir = epath.Path(workdir_path)
-    final = workdir / TOKENIZER_FILENAME
+    final = epath.Path(model_path)
+    if final.suffix != ".model":
+        raise ValueError(f"{final}: a sentencepiece model file name ends in .model")
     if final.exists():
         logging.info("Reusing tokenizer %s (not retraining).", final)
         return Tokenizer.load(final)
-    workdir.mkdir(parents=True, exist_ok=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        prefix = Path(tmp) / Path(TOKENIZER_FILENAME).stem
+        prefix = Path(tmp) / final.stem
         train_tokenizer(sentences_fn(), prefix, vocab_size, **train_kwargs)
         for suffix in (".vocab", ".model"):  # .model last: its presence means "complete".
-            partial = workdir / f".{prefix.name}{suffix}.tmp-{uuid.uuid4().hex}"
+            partial = final.parent / f".{final.stem}{suffix}.tmp-{uuid.uuid4().hex}"
             partial.write_bytes((prefix.parent / f"{prefix.name}{suffix}").read_bytes())
-            partial.rename(workdir / f"{prefix.name}{suffix}")
+            partial.rename(final.with_suffix(suffix))
     logging.info("Trained tokenizer %s.", final)
     return Tokenizer.load(final)
 

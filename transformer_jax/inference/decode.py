@@ -12,17 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from transformer_jax.config import BOS_ID, EOS_ID, PAD_ID
-from transformer_jax.model import Transformer, init_cache
+from transformer_jax.model import Transformer, init_cache, reorder_cache
 
 Array = jax.Array
-
-# Cache leaves that hold the projected encoder output: identical for every beam of a sentence.
-_CROSS_CACHE_NAMES = frozenset({"cross_key", "cross_value"})
 
 
 def length_penalty(length: ArrayLike, alpha: float) -> Array:
@@ -200,23 +198,17 @@ def sample_decode(
     )
 
 
-def _reorder_cache(cache: Any, flat_parent_BW: Array) -> Any:
-    """Gather every cache leaf with a batch-beam axis by the chosen parent beams."""
-    num_rows = flat_parent_BW.shape[0]
+@flax.struct.dataclass
+class BeamState:
+    """The beam search loop's carry: W alive and W finished hypotheses per sentence."""
 
-    def reorder(path: tuple[Any, ...], leaf: Array) -> Array:
-        # cache_index/position are scalars; the cross-attention keys are the same for every beam
-        # of a sentence and parents never leave their sentence, so that gather is the identity.
-        name = getattr(path[-1], "key", None)
-        # Under nn.scan (config.scan_layers) every cache leaf has a leading layer axis.
-        axis = 1 if any(getattr(p, "key", None) == "layers" for p in path) else 0
-        if leaf.ndim <= axis or leaf.shape[axis] != num_rows or name in _CROSS_CACHE_NAMES:
-            return leaf
-        # Indices are in range by construction; "clip" skips the default "fill" mode's masking
-        # pass over the whole gathered cache.
-        return jnp.take(leaf, flat_parent_BW, axis=axis, mode="clip")
-
-    return jax.tree_util.tree_map_with_path(reorder, cache)
+    step: Array  # [] int32: tokens decoded so far (the output position being filled)
+    cache: Any  # the decoder's KV cache, one row per (sentence, alive beam)
+    last_BxW: Array  # [B, W] int32: each alive hypothesis's latest token
+    alive_seqs_BxWxT: Array  # [B, W, T] int32: alive hypotheses, PAD after the last token
+    alive_logp_BxW: Array  # [B, W] float32: their log-probabilities, best first
+    done_seqs_BxWxT: Array  # [B, W, T] int32: finished hypotheses (ending in EOS)
+    done_score_BxW: Array  # [B, W] float32: their length-penalized scores, best first
 
 
 def beam_search(
@@ -257,24 +249,24 @@ def beam_search(
     best_possible_lp_B = length_penalty(limit_B, alpha)
     rows_Bx1 = jnp.arange(B)[:, None]
 
-    def step(state: tuple[Any, ...]) -> tuple[Any, ...]:
-        i, cache, last_BxW, alive_seqs_BxWxT, alive_logp_BxW, done_seqs_BxWxT, done_score_BxW = (
-            state
-        )
+    def step(state: BeamState) -> BeamState:
+        i = state.step
         logits_BWxV, cache = _decoder_step(
-            model, params, cache, encoded_BWxSxD, src_ids_BWxS, last_BxW.reshape(B * W)
+            model, params, state.cache, encoded_BWxSxD, src_ids_BWxS, state.last_BxW.reshape(B * W)
         )
         V = logits_BWxV.shape[-1]
         logp_BxWxV = jax.nn.log_softmax(logits_BWxV).reshape(B, W, V)
         # Masked after the softmax, not renormalized: scores stay the model's own log-probs.
         allowed_BxV = _allowed_tokens(i, limit_B, V, min_length)
         logp_BxWxV = jnp.where(allowed_BxV[:, None, :], logp_BxWxV, -jnp.inf)
-        total_BxWV = (alive_logp_BxW[:, :, None] + logp_BxWxV).reshape(B, W * V)
+        total_BxWV = (state.alive_logp_BxW[:, :, None] + logp_BxWxV).reshape(B, W * V)
         cand_logp_Bx2W, cand_index_Bx2W = jax.lax.top_k(total_BxWV, 2 * W)
         cand_parent_Bx2W = cand_index_Bx2W // V
         cand_token_Bx2W = (cand_index_Bx2W % V).astype(jnp.int32)
         cand_seqs_Bx2WxT = jax.lax.dynamic_update_slice(
-            alive_seqs_BxWxT[rows_Bx1, cand_parent_Bx2W], cand_token_Bx2W[:, :, None], (0, 0, i)
+            state.alive_seqs_BxWxT[rows_Bx1, cand_parent_Bx2W],
+            cand_token_Bx2W[:, :, None],
+            (0, 0, i),
         )
         cand_eos_Bx2W = cand_token_Bx2W == EOS_ID
 
@@ -282,52 +274,52 @@ def beam_search(
         alive_logp_BxW, pick_BxW = jax.lax.top_k(
             jnp.where(cand_eos_Bx2W, -jnp.inf, cand_logp_Bx2W), W
         )
-        alive_seqs_BxWxT = cand_seqs_Bx2WxT[rows_Bx1, pick_BxW]
-        last_BxW = cand_token_Bx2W[rows_Bx1, pick_BxW]
         parent_BxW = cand_parent_Bx2W[rows_Bx1, pick_BxW]
-        cache = _reorder_cache(cache, (rows_Bx1 * W + parent_BxW).reshape(B * W))
 
         # Finished: merge the new EOS extensions into the W best so far.
         cand_score_Bx2W = jnp.where(
             cand_eos_Bx2W, cand_logp_Bx2W / length_penalty(i + 1, alpha), -jnp.inf
         )
         done_score_BxW, keep_BxW = jax.lax.top_k(
-            jnp.concatenate([done_score_BxW, cand_score_Bx2W], axis=1), W
+            jnp.concatenate([state.done_score_BxW, cand_score_Bx2W], axis=1), W
         )
-        done_seqs_BxWxT = jnp.concatenate([done_seqs_BxWxT, cand_seqs_Bx2WxT], axis=1)[
+        done_seqs_BxWxT = jnp.concatenate([state.done_seqs_BxWxT, cand_seqs_Bx2WxT], axis=1)[
             rows_Bx1, keep_BxW
         ]
-        return (
-            i + 1,
-            cache,
-            last_BxW,
-            alive_seqs_BxWxT,
-            alive_logp_BxW,
-            done_seqs_BxWxT,
-            done_score_BxW,
+        return BeamState(
+            step=i + 1,
+            cache=reorder_cache(model.config, cache, (rows_Bx1 * W + parent_BxW).reshape(B * W)),
+            last_BxW=cand_token_Bx2W[rows_Bx1, pick_BxW],
+            alive_seqs_BxWxT=cand_seqs_Bx2WxT[rows_Bx1, pick_BxW],
+            alive_logp_BxW=alive_logp_BxW,
+            done_seqs_BxWxT=done_seqs_BxWxT,
+            done_score_BxW=done_score_BxW,
         )
 
-    def not_done(state: tuple[Any, ...]) -> Array:
-        i, alive_logp_BxW, done_score_BxW = state[0], state[4], state[6]
+    def not_done(state: BeamState) -> Array:
         # Both are sorted best first (top_k): compare the best alive with the worst finished.
-        can_improve_B = alive_logp_BxW[:, 0] / best_possible_lp_B > done_score_BxW[:, -1]
-        return (i < max_length) & jnp.any(can_improve_B)
+        best_alive_B = state.alive_logp_BxW[:, 0] / best_possible_lp_B
+        can_improve_B = best_alive_B > state.done_score_BxW[:, -1]
+        return (state.step < max_length) & jnp.any(can_improve_B)
 
     # Beams start identical; only beam 0 is live so the first step does not pick duplicates.
-    init = (
-        jnp.array(0, jnp.int32),
-        cache,
-        jnp.full((B, W), BOS_ID, jnp.int32),
-        jnp.full((B, W, T), PAD_ID, jnp.int32),
-        jnp.tile(jnp.array([0.0] + [-jnp.inf] * (W - 1), jnp.float32), (B, 1)),
-        jnp.full((B, W, T), PAD_ID, jnp.int32),
-        jnp.full((B, W), -jnp.inf, jnp.float32),
+    init = BeamState(
+        step=jnp.array(0, jnp.int32),
+        cache=cache,
+        last_BxW=jnp.full((B, W), BOS_ID, jnp.int32),
+        alive_seqs_BxWxT=jnp.full((B, W, T), PAD_ID, jnp.int32),
+        alive_logp_BxW=jnp.tile(jnp.array([0.0] + [-jnp.inf] * (W - 1), jnp.float32), (B, 1)),
+        done_seqs_BxWxT=jnp.full((B, W, T), PAD_ID, jnp.int32),
+        done_score_BxW=jnp.full((B, W), -jnp.inf, jnp.float32),
     )
     final = jax.lax.while_loop(not_done, step, init)
-    i, _, _, alive_seqs_BxWxT, alive_logp_BxW, done_seqs_BxWxT, done_score_BxW = final
-    has_finished_B = done_score_BxW[:, 0] > -jnp.inf
-    seqs_BxT = jnp.where(has_finished_B[:, None], done_seqs_BxWxT[:, 0], alive_seqs_BxWxT[:, 0])
+    has_finished_B = final.done_score_BxW[:, 0] > -jnp.inf
+    seqs_BxT = jnp.where(
+        has_finished_B[:, None], final.done_seqs_BxWxT[:, 0], final.alive_seqs_BxWxT[:, 0]
+    )
     score_B = jnp.where(
-        has_finished_B, done_score_BxW[:, 0], alive_logp_BxW[:, 0] / length_penalty(i, alpha)
+        has_finished_B,
+        final.done_score_BxW[:, 0],
+        final.alive_logp_BxW[:, 0] / length_penalty(final.step, alpha),
     )
     return seqs_BxT, score_B

@@ -4,6 +4,7 @@ from transformer_jax.model.attention import MultiHeadAttention, make_attention_m
 from transformer_jax.model.transformer import (
     Transformer,
     init_cache,
+    reorder_cache,
     shift_right,
     stack_layer_params,
     unstack_layer_params,
@@ -14,6 +15,7 @@ __all__ = [
     "Transformer",
     "init_cache",
     "make_attention_mask",
+    "reorder_cache",
     "shift_right",
     "stack_layer_params",
     "unstack_layer_params",

@@ -16,6 +16,12 @@ Array = jax.Array
 
 ACT_BLHK = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 
+# The decoding cache's leaves that hold one row per decoded sequence: the self-attention keys and
+# values appended step by step. Everything else in the cache is shared by the rows that decode
+# the same source (the cross-attention memory, projected once) or is a step counter, so a beam
+# search that reorders its hypotheses gathers these leaves only.
+PER_ROW_CACHE = frozenset({"cached_key", "cached_value"})
+
 
 def make_attention_mask(
     q_valid_BxT: Array,

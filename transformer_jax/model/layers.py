@@ -18,7 +18,7 @@ from transformer_jax.config import ModelConfig
 
 Array = jax.Array
 
-# Logical names of activation axes; mesh names for them live only in training/sharding.py.
+# Logical names of activation axes; mesh names for them live only in transformer_jax/sharding.py.
 ACT_BLD = ("activation_batch", "activation_length", "activation_embed")
 ACT_BLF = ("activation_batch", "activation_length", "activation_mlp")
 

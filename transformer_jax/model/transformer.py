@@ -10,7 +10,11 @@ import jax
 import jax.numpy as jnp
 
 from transformer_jax.config import BOS_ID, PAD_ID, ModelConfig
-from transformer_jax.model.attention import MultiHeadAttention, make_attention_mask
+from transformer_jax.model.attention import (
+    PER_ROW_CACHE,
+    MultiHeadAttention,
+    make_attention_mask,
+)
 from transformer_jax.model.layers import (
     ACT_BLD,
     Embed,
@@ -401,6 +405,23 @@ def init_cache(
         method=Transformer.decode,
     )
     return variables["cache"]
+
+
+def reorder_cache(config: ModelConfig, cache: dict, rows_R: Array) -> dict:
+    """Gather the cache's per-row leaves (attention.PER_ROW_CACHE) by row index; keep the rest.
+
+    Under config.scan_layers every cache leaf carries a leading layer axis, so rows are axis 1.
+    """
+    axis = 1 if config.scan_layers else 0
+
+    def reorder(path: tuple[Any, ...], leaf: Array) -> Array:
+        if getattr(path[-1], "key", None) not in PER_ROW_CACHE:
+            return leaf
+        # Indices are in range by construction; "clip" skips the default "fill" mode's masking
+        # pass over the whole gathered cache.
+        return jnp.take(leaf, rows_R, axis=axis, mode="clip")
+
+    return jax.tree_util.tree_map_with_path(reorder, cache)
 
 
 def stack_layer_params(params: dict) -> dict:

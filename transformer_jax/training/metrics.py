@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from transformer_jax.config import ModelConfig
+from transformer_jax.training import loss
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,36 @@ def forward_flops(config: ModelConfig, rows: int, src_len: int, tgt_len: int) ->
 def train_flops(config: ModelConfig, rows: int, src_len: int, tgt_len: int) -> float:
     """Forward + backward is about 3x the forward matmul FLOPs."""
     return 3.0 * forward_flops(config, rows, src_len, tgt_len)
+
+
+def interval_summary(
+    pending: Sequence[dict[str, jax.Array]],
+    elapsed: float,
+    step_flops: float,
+    num_devices: int,
+    peak: float | None,
+) -> dict[str, float]:
+    """One logging interval's step metrics (read back from the device once) and throughput."""
+    host = jax.device_get(list(pending))
+    sums = {k: float(sum(m[k] for m in host)) for k in ("loss_sum", "nll_sum", "num_tokens")}
+    summary = {
+        k: float(v) for k, v in loss.summarize({k: jnp.asarray(v) for k, v in sums.items()}).items()
+    }
+    summary["grad_norm"] = float(np.mean([m["grad_norm"] for m in host]))
+    summary["learning_rate"] = float(host[-1]["learning_rate"])
+    summary["target_tokens"] = sums["num_tokens"]
+    step_time = elapsed / max(len(host), 1)
+    summary["step_time_s"] = step_time
+    summary["tokens_per_sec"] = sums["num_tokens"] / max(elapsed, 1e-9)
+    summary["tflops_per_device"] = step_flops / step_time / num_devices / 1e12
+    if peak:
+        summary["mfu"] = summary["tflops_per_device"] / peak
+    return summary
+
+
+def format_values(values: dict[str, float]) -> str:
+    """name=value pairs for a log line."""
+    return ", ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "target_tokens")
 
 
 class MetricWriter:

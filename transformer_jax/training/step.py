@@ -6,13 +6,15 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, cast
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
+from transformer_jax import sharding
 from transformer_jax.config import PAD_ID
 from transformer_jax.model import Transformer
+from transformer_jax.state import TrainState
 from transformer_jax.training.loss import loss_sums
 
 Array = jax.Array
@@ -20,40 +22,18 @@ Batch = dict[str, Array]
 Metrics = dict[str, Array]
 
 
-@flax.struct.dataclass
-class TrainState:
-    """Everything a step changes: the update count, parameters and optimizer state."""
-
-    step: Array
-    params: Any
-    opt_state: Any
-
-
-def init_state(
-    model: Transformer,
-    optimizer: optax.GradientTransformation,
-    rng: Array,
-    src_shape: tuple[int, int],
-    tgt_shape: tuple[int, int],
-) -> TrainState:
-    """Fresh state with logically-boxed leaves (for sharding specs); nn.unbox it before use."""
-    variables = model.init(rng, jnp.ones(src_shape, jnp.int32), jnp.ones(tgt_shape, jnp.int32))
-    params = variables["params"]
-    # Adam's moments inherit the parameters' logical boxes, so they shard the same way.
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
-    )
-
-
 def model_inputs(batch: Batch) -> dict[str, Any]:
-    """The model's keyword arguments from a pipeline batch (packed keys are optional)."""
+    """The model's keyword arguments from a pipeline batch (packed keys are optional).
+
+    The one place the pipeline's key names (data.pipeline.BATCH_KEYS) meet the model's.
+    """
     return {
         "src_ids_BxS": batch["inputs"],
         "tgt_ids_BxT": batch["targets"],
-        "src_segment_ids_BxS": batch.get("inputs_segmentation"),
-        "tgt_segment_ids_BxT": batch.get("targets_segmentation"),
-        "src_positions_BxS": batch.get("inputs_position"),
-        "tgt_positions_BxT": batch.get("targets_position"),
+        "src_segment_ids_BxS": batch.get("inputs_segment_ids"),
+        "tgt_segment_ids_BxT": batch.get("targets_segment_ids"),
+        "src_positions_BxS": batch.get("inputs_positions"),
+        "tgt_positions_BxT": batch.get("targets_positions"),
     }
 
 
@@ -149,3 +129,42 @@ def make_eval_step(
         return loss_sums(logits, batch["targets"], label_smoothing)
 
     return eval_step
+
+
+def jit_train_step(
+    model: Transformer,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: Mesh,
+    state_shardings: Any,
+    *,
+    label_smoothing: float,
+    grad_accum_steps: int = 1,
+) -> Any:
+    """The train step jitted once with the state's shardings, batch rows split, state donated.
+
+    Call it inside sharding.context(mesh, rules): the logical constraints read the rules.
+    """
+    return jax.jit(
+        make_train_step(
+            model,
+            optimizer,
+            schedule,
+            label_smoothing=label_smoothing,
+            grad_accum_steps=grad_accum_steps,
+        ),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def jit_eval_step(
+    model: Transformer, mesh: Mesh, param_shardings: Any, *, label_smoothing: float
+) -> Any:
+    """The evaluation step jitted with the parameters' shardings; replicated sums out."""
+    return jax.jit(
+        make_eval_step(model, label_smoothing=label_smoothing),
+        in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh),
+    )

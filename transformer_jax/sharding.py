@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -154,15 +155,60 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def sharded_init(init_fn: Callable[[], Any], mesh: Mesh, rules: LogicalRules) -> tuple[Any, Any]:
-    """Initialize state directly into its shardings: eval_shape -> logical specs -> mesh specs.
+@contextlib.contextmanager
+def context(mesh: Mesh, rules: LogicalRules) -> Iterator[None]:
+    """The mesh and logical rules that tracing and running the model's functions read."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
 
-    Returns (state, shardings). init_fn must build boxed (LogicallyPartitioned) params so the
-    logical names are visible to eval_shape; they are unboxed after the specs are read.
+
+def to_global(batch: Mapping[str, np.ndarray], rows: NamedSharding) -> dict[str, jax.Array]:
+    """Host-local numpy rows -> one global array per key (each process passes its own rows)."""
+    return {
+        key: jax.make_array_from_process_local_data(rows, value) for key, value in batch.items()
+    }
+
+
+def host_local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a row-sharded global array, in global order (to_global's inverse).
+
+    Read from the addressable shards: no collective, so each process may decode its own rows.
     """
-    abstract = jax.eval_shape(init_fn)
-    logical_specs = nn.get_partition_spec(abstract)
-    shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+    pieces: dict[int, Any] = {}
+    for shard in array.addressable_shards:
+        start = (shard.index[0].start or 0) if shard.index else 0
+        pieces.setdefault(start, shard.data)  # replicas along 'tensor' hold the same rows
+    return np.concatenate([np.asarray(pieces[start]) for start in sorted(pieces)])
+
+
+def abstract_with_shardings(init_fn: Callable[[], Any], mesh: Mesh, rules: LogicalRules) -> Any:
+    """Shapes, dtypes and mesh shardings of what init_fn builds, without computing it.
+
+    The one path from logical names to placement: eval_shape -> logical specs -> mesh
+    shardings. init_fn must build boxed (LogicallyPartitioned) leaves so the names are visible;
+    the result is unboxed, each leaf a jax.ShapeDtypeStruct carrying its NamedSharding.
+    """
+    boxed = jax.eval_shape(init_fn)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    # Unboxing outside a trace must not apply the boxes' sharding constraints.
+    unboxed = jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+        boxed,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings
+    )
+
+
+def shardings_of(abstract: Any) -> Any:
+    """The tree of shardings carried by an abstract (or concrete) tree."""
+    return jax.tree.map(lambda x: x.sharding, abstract)
+
+
+def sharded_init(init_fn: Callable[[], Any], mesh: Mesh, rules: LogicalRules) -> tuple[Any, Any]:
+    """Initialize state directly into its shardings; returns (state, shardings)."""
+    shardings = shardings_of(abstract_with_shardings(init_fn, mesh, rules))
     state = jax.jit(lambda: nn.unbox(init_fn()), out_shardings=shardings)()
     return state, shardings
 

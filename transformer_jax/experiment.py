@@ -1,0 +1,106 @@
+"""Experiment configs (configs/*.py): the one place they are checked, and their data splits.
+
+train.py, the AOT compiler, evaluate and translate all call `validate` before anything loads or
+compiles, so a config one of them refuses, every one of them refuses, with the same message
+naming the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+
+from transformer_jax import sharding
+from transformer_jax.config import ModelConfig
+from transformer_jax.data import sources
+
+Pair = tuple[str, str]
+
+
+def model_section(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """A config's `model` section: every ModelConfig field, from a preset (the one source)."""
+    return ml_collections.ConfigDict(ModelConfig.preset(preset, **overrides).to_dict())
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """ModelConfig(**config.model), naming the config section on errors."""
+    try:
+        return ModelConfig.from_dict(config.model.to_dict(), source="config.model")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.model: {e}") from e
+
+
+def validate(
+    config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> ModelConfig:
+    """Check every field a user can get wrong; returns the model config.
+
+    devices: the devices the run will use (a topology's for AOT); the mesh and batch checks
+    need them. None skips those (evaluate and translate read a config trained elsewhere).
+    """
+    model = model_config(config)
+    checks = [
+        (config.train.num_steps >= 1, "train.num_steps", "must be >= 1"),
+        (config.train.log_every >= 1, "train.log_every", "must be >= 1"),
+        (config.train.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = only at the end)"),
+        (config.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0"),
+        (config.train.max_to_keep >= 1, "train.max_to_keep", "must be >= 1"),
+        (config.optim.warmup_steps >= 1, "optim.warmup_steps", "must be >= 1"),
+        (config.optim.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be >= 1"),
+        (0 <= config.optim.label_smoothing < 1, "optim.label_smoothing", "must be in [0, 1)"),
+        (config.data.tokens_per_batch >= 1, "data.tokens_per_batch", "must be >= 1"),
+        (config.data.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1"),
+        (
+            config.data.max_source_length <= model.max_len,
+            "data.max_source_length",
+            f"exceeds model.max_len={model.max_len}",
+        ),
+        (
+            config.data.max_target_length <= model.max_len,
+            "data.max_target_length",
+            f"exceeds model.max_len={model.max_len}",
+        ),
+        (
+            config.data.tokenizer.vocab_size <= model.vocab_size,
+            "data.tokenizer.vocab_size",
+            f"exceeds model.vocab_size={model.vocab_size}",
+        ),
+        (config.decode.max_length >= 1, "decode.max_length", "must be >= 1"),
+        (config.decode.extra_length >= 0, "decode.extra_length", "must be >= 0"),
+    ]
+    for ok, field, message in checks:
+        if not ok:
+            raise ValueError(f"config.{field}: {message} (got {_lookup(config, field)!r})")
+    if devices is not None:
+        _check_devices(config, devices)
+    return model
+
+
+def _check_devices(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> None:
+    local = len(devices) // len({d.process_index for d in devices})
+    if config.data.eval_batch_size % local:
+        raise ValueError(
+            f"config.data.eval_batch_size={config.data.eval_batch_size} must be a multiple of "
+            f"the {local} devices per process (rows are split across them)"
+        )
+    sharding.resolve_mesh_shape(dict(config.mesh.shape), len(devices))
+    sharding.rules_from_config(config.mesh.logical_axis_rules)
+
+
+def _lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def load_split(config: ml_collections.ConfigDict, split: str) -> Sequence[Pair]:
+    """The pairs of one split from the configured source."""
+    options = config.data.options.to_dict() if config.data.options else {}
+    pairs = sources.load_pairs(config.data.kind, split, **options)
+    if len(pairs) == 0:
+        raise ValueError(f"config.data: the {config.data.kind!r} source's {split!r} split is empty")
+    return pairs

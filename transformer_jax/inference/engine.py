@@ -1,0 +1,122 @@
+"""Decoding settings and the JAX engine: the decoders jitted on a mesh, compiled per shape.
+
+`JaxEngine.decode_rows` is the `evaluation.DecodeRows` the loop and Translator hand to
+`evaluation.translate`: this process's padded source rows in, its token rows out, with the
+global batch split over the mesh's data axes in between.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, Literal, get_args
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from transformer_jax import sharding
+from transformer_jax.config import ModelConfig
+from transformer_jax.inference import decode
+from transformer_jax.model import Transformer
+
+Method = Literal["beam", "greedy", "sample"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+    """How to decode; the defaults are the paper's (section 6.1): beam 4, alpha 0.6, input + 50."""
+
+    method: Method = "beam"
+    beam_size: int = 4
+    alpha: float = 0.6  # GNMT length penalty exponent
+    extra_length: int = 50  # output cap = source length + extra_length
+    max_length: int | None = None  # static output buffer cap; None = the model's max_len
+    temperature: float = 1.0  # method="sample" only
+    top_k: int = 0  # method="sample" only; 0 = the whole vocabulary
+    seed: int = 0  # method="sample" only
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.method in get_args(Method), "method", f"is not one of {list(get_args(Method))}"),
+            (self.beam_size >= 1, "beam_size", "must be >= 1"),
+            (self.alpha >= 0, "alpha", "must be >= 0"),
+            (self.extra_length >= 0, "extra_length", "must be >= 0"),
+            (self.max_length is None or self.max_length >= 1, "max_length", "must be >= 1"),
+            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (self.top_k >= 0, "top_k", "must be >= 0 (0 = no cut)"),
+        ]
+        for ok, field, message in checks:
+            if not ok:
+                raise ValueError(f"{field}={getattr(self, field)!r}: {message}")
+
+    def output_length(self, src_len: int, model_max_len: int) -> int:
+        """The static output buffer for sources padded to src_len."""
+        cap = model_max_len if self.max_length is None else min(self.max_length, model_max_len)
+        return min(src_len + self.extra_length, cap)
+
+
+class JaxEngine:
+    """A model's decoders jitted for one mesh; one compile per (settings, source length)."""
+
+    def __init__(self, config: ModelConfig, mesh: Mesh, rules: sharding.LogicalRules) -> None:
+        self.config = config
+        self.mesh = mesh
+        self.rules = rules
+        self._rows = sharding.batch_sharding(mesh)
+        self._compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
+
+    def decode_rows(
+        self, params: Any, settings: DecodeSettings, src_rows: np.ndarray, number: int
+    ) -> np.ndarray:
+        """Decode this process's rows [b, S] (all processes call together); its [b, T] tokens."""
+        fn = self._decoder(settings, src_rows.shape[1])
+        rng = jax.random.fold_in(jax.random.key(settings.seed), number)
+        src = sharding.to_global({"inputs": src_rows}, self._rows)["inputs"]
+        with sharding.context(self.mesh, self.rules):
+            tokens = fn(params, src, rng)
+        return sharding.host_local_rows(tokens)
+
+    def bind(
+        self, params: Any, settings: DecodeSettings
+    ) -> Callable[[np.ndarray, int], np.ndarray]:
+        """decode_rows with the parameters and settings fixed (an evaluation.DecodeRows)."""
+        return functools.partial(self.decode_rows, params, settings)
+
+    def _decoder(self, settings: DecodeSettings, src_len: int) -> Callable[..., Any]:
+        # The seed does not change the program; everything else may.
+        key = (dataclasses.replace(settings, seed=0), src_len)
+        if key not in self._compiled:
+            self._compiled[key] = jax.jit(
+                self._decode_fn(settings, settings.output_length(src_len, self.config.max_len)),
+                out_shardings=self._rows,
+            )
+        return self._compiled[key]
+
+    def _decode_fn(self, s: DecodeSettings, max_length: int) -> Callable[..., Any]:
+        model = Transformer(self.config)
+        if s.method == "greedy" or (s.method == "beam" and s.beam_size == 1):
+            greedy = functools.partial(
+                decode.greedy_decode, model, max_length=max_length, extra_length=s.extra_length
+            )
+            return lambda params, src, rng: greedy(params, src)
+        if s.method == "beam":
+            beam = functools.partial(
+                decode.beam_search,
+                model,
+                beam_size=s.beam_size,
+                alpha=s.alpha,
+                max_length=max_length,
+                extra_length=s.extra_length,
+            )
+            return lambda params, src, rng: beam(params, src)[0]
+        sample = functools.partial(
+            decode.sample_decode,
+            model,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            max_length=max_length,
+            extra_length=s.extra_length,
+        )
+        return lambda params, src, rng: sample(params, src, rng)
