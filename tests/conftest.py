@@ -57,6 +57,30 @@ def tiny_train_config(corpus: Path) -> ml_collections.ConfigDict:
     return config
 
 
+# (config field, bad value, what the error must name): refused before anything compiles.
+BAD_CONFIG_VALUES = [
+    ("model.d_model", 33, "config.model"),
+    ("train.num_steps", 0, "config.train.num_steps"),
+    ("optim.label_smoothing", 1.5, "config.optim.label_smoothing"),
+    ("data.max_target_length", 4096, "config.data.max_target_length"),
+    ("data.tokenizer.vocab_size", 5000, "config.data.tokenizer.vocab_size"),
+    ("decode.max_length", None, "config.decode.max_length"),
+]
+
+
+def with_value(
+    config: ml_collections.ConfigDict, field: str, value: object
+) -> ml_collections.ConfigDict:
+    """The config with one dotted field set (ml_collections refuses a type change via setattr)."""
+    section, _, name = field.rpartition(".")
+    target = config
+    for part in section.split("."):
+        target = target[part]
+    with target.unlocked():
+        target[name] = value
+    return config
+
+
 @pytest.fixture(scope="session")
 def trained_workdir(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workdir from a short run on the small corpus: checkpoints at steps 10, 20, 30."""

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import BAD_CONFIG_VALUES, tiny_train_config, with_value
 
 from transformer_jax import aot
 
@@ -166,3 +167,15 @@ def test_memory_benchmark_shows_remat_saving_activations() -> None:
     assert results["full"]["temp_gib"] < 0.7 * results["none"]["temp_gib"]
     # Recomputing the forward pass costs FLOPs: about 4/3 of the plain step.
     assert results["full"]["flops_per_chip"] > 1.2 * results["none"]["flops_per_chip"]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), BAD_CONFIG_VALUES)
+def test_aot_refuses_what_train_refuses(
+    field: str, value: object, message: str, small_corpus: Path
+) -> None:
+    import jax
+
+    config = with_value(tiny_train_config(small_corpus), field, value)
+    # The same experiment.validate as train.py, before anything is traced or compiled.
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        aot.compile_train_step(config, aot.local_topology(), jax.local_devices())

@@ -235,3 +235,15 @@ def test_load_pairs_errors_name_the_field() -> None:
         load_pairs("builtin", "train", colour="red")
     with pytest.raises(ValueError, match=r"\['target_path'\] must be set"):
         load_pairs("text", "train", source_path="x")
+
+
+def test_read_lines_from_a_stream_follows_the_file_rules() -> None:
+    import io
+
+    from transformer_jax.data.sources import read_lines
+
+    # The translate command reads stdin as bytes through the same rules as files.
+    text = b"\xef\xbb\xbfone\r\ntwo\xe2\x80\xa8still two\nthree"
+    assert read_lines(io.BytesIO(text), "<stdin>") == ["one", "two\u2028still two", "three"]
+    with pytest.raises(ValueError, match=r"<stdin>:2: invalid UTF-8 \(bytes b'\\xff"):
+        read_lines(io.BytesIO(b"fine\nbad \xff byte\n"), "<stdin>")

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import ROOT, checkpoint_params, tiny_train_config
+from conftest import BAD_CONFIG_VALUES, ROOT, checkpoint_params, tiny_train_config, with_value
 
 from transformer_jax import cpu_malloc, experiment
 from transformer_jax.config import PAD_ID, ModelConfig
@@ -445,25 +445,11 @@ def test_paper_configs_carry_the_papers_recipe() -> None:
     assert (base.train.num_steps, big.train.num_steps) == (100_000, 300_000)
 
 
-@pytest.mark.parametrize(
-    ("field", "value", "message"),
-    [
-        ("model.d_model", 33, "config.model"),
-        ("train.num_steps", 0, "config.train.num_steps"),
-        ("optim.label_smoothing", 1.5, "config.optim.label_smoothing"),
-        ("data.max_target_length", 4096, "config.data.max_target_length"),
-        ("data.tokenizer.vocab_size", 5000, "config.data.tokenizer.vocab_size"),
-    ],
-)
+@pytest.mark.parametrize(("field", "value", "message"), BAD_CONFIG_VALUES)
 def test_bad_config_values_stop_before_compilation(
     field: str, value: object, message: str, small_corpus: Path, tmp_path: Path
 ) -> None:
-    config = tiny_train_config(small_corpus)
-    section, _, name = field.rpartition(".")
-    target = config
-    for part in section.split("."):
-        target = target[part]
-    target[name] = value
+    config = with_value(tiny_train_config(small_corpus), field, value)
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()

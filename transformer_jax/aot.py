@@ -229,13 +229,7 @@ def compile_train_step(
     program = build(config, model_config, mesh)
     num_hosts = len({d.process_index for d in devices})
     # Rows as train_and_evaluate picks them on each of the slice's hosts.
-    rows_per_host = pipeline.rows_for_token_budget(
-        config.data.tokens_per_batch,
-        config.data.max_target_length,
-        num_hosts,
-        multiple_of=len(devices) // num_hosts * config.optim.grad_accum_steps,
-    )
-    rows = rows_per_host * num_hosts
+    rows = experiment.rows_per_host(config, num_hosts, len(devices) // num_hosts) * num_hosts
     src_len, tgt_len = config.data.max_source_length, config.data.max_target_length
     batch = {
         key: jax.ShapeDtypeStruct(

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformer_jax.cli import quiet_libraries
-from transformer_jax.workdir import Workdir
+
+if TYPE_CHECKING:
+    from transformer_jax.workdir import Workdir
 
 
 def average_checkpoints(workdir: Workdir, steps: Sequence[int], output: Workdir) -> Workdir:
@@ -25,7 +27,7 @@ def average_checkpoints(workdir: Workdir, steps: Sequence[int], output: Workdir)
     from transformer_jax.state import abstract_train_state
 
     config = workdir.read_model_config()
-    mesh = sharding.make_mesh({"data": -1})
+    mesh = sharding.make_mesh(sharding.DATA_PARALLEL)
     abstract = abstract_train_state(config, mesh, sharding.DEFAULT_RULES).params
     total: Any = None
     for step in steps:
@@ -36,9 +38,7 @@ def average_checkpoints(workdir: Workdir, steps: Sequence[int], output: Workdir)
         del params
     mean = jax.tree.map(lambda x, a: (x / len(steps)).astype(a.dtype), total, abstract)
     workdir.copy_metadata_to(output)
-    (output.path / Workdir.AVERAGED_FROM).write_text(
-        f"{workdir} steps {', '.join(map(str, steps))}\n"
-    )
+    output.write_averaged_from(workdir, steps)
     output.save_params(max(steps), mean)
     return output
 
@@ -50,19 +50,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--last", type=int, required=True, help="how many of the newest steps")
     parser.add_argument("--output", default=None, help="default: WORKDIR/averaged_last<N>")
     args = parser.parse_args(argv)
+    if args.last < 1:
+        parser.error("--last must be at least 1")
     quiet_libraries()
+
+    from transformer_jax.workdir import Workdir
 
     workdir = Workdir(args.workdir)
     steps = workdir.steps()
-    if args.last < 1:
-        parser.error("--last must be at least 1")
     if len(steps) < args.last:
         raise SystemExit(
             f"{workdir}: {len(steps)} checkpoint(s) ({steps}) but --last {args.last} asked; "
             "raise train.max_to_keep or average fewer"
         )
-    output = Workdir(args.output or workdir.path / f"averaged_last{args.last}")
-    if output.steps():
+    output = Workdir(args.output or workdir.averaged_dir(args.last))
+    if output.checkpoint_dir.exists():
         raise SystemExit(f"{output}: already holds checkpoints; remove it or pass --output")
     chosen = steps[-args.last :]
     average_checkpoints(workdir, chosen, output)

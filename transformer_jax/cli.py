@@ -56,6 +56,10 @@ def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"error: --{e}") from e
     if args.batch_size < 1:
         raise SystemExit(f"error: --batch_size={args.batch_size}: must be >= 1")
+    if args.max_source_length is not None and args.max_source_length < 2:
+        raise SystemExit(
+            f"error: --max_source_length={args.max_source_length}: must be >= 2 (a token and EOS)"
+        )
     return {
         "method": args.method,
         "beam_size": args.beam_size,

@@ -140,8 +140,12 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any
     }
 
 
+def as_lines(texts: Sequence[str]) -> str:
+    """One text per line; a newline inside a text (never made by the tokenizer) becomes a space."""
+    return "".join(t.replace("\n", " ") + "\n" for t in texts)
+
+
 def write_hypotheses(path: epath.PathLike, hypotheses: Sequence[str]) -> None:
     """One hypothesis per line, UTF-8; only process 0 writes (every process has them all)."""
     if jax.process_index() == 0:
-        text = "".join(h.replace("\n", " ") + "\n" for h in hypotheses)
-        epath.Path(path).write_text(text, encoding="utf-8")
+        epath.Path(path).write_text(as_lines(hypotheses), encoding="utf-8")

@@ -1,8 +1,9 @@
 """Experiment configs (configs/*.py): the one place they are checked, and their data splits.
 
-train.py, the AOT compiler, evaluate and translate all call `validate` before anything loads or
-compiles, so a config one of them refuses, every one of them refuses, with the same message
-naming the field.
+train.py, the AOT compiler and evaluate all call `validate` before anything loads or compiles,
+so a config one of them refuses, every one of them refuses, with the same message naming the
+field. (translate reads no experiment config: its settings are its flags, checked by
+`inference.engine.DecodeSettings`.)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import ml_collections
 
 from transformer_jax import sharding
 from transformer_jax.config import ModelConfig
-from transformer_jax.data import sources
+from transformer_jax.data import pipeline, sources
 
 Pair = tuple[str, str]
 
@@ -68,8 +69,8 @@ def validate(
             "data.tokenizer.vocab_size",
             f"exceeds model.vocab_size={model.vocab_size}",
         ),
-        (config.decode.max_length >= 1, "decode.max_length", "must be >= 1"),
-        (config.decode.extra_length >= 0, "decode.extra_length", "must be >= 0"),
+        (_is_int(config.decode.max_length, 1), "decode.max_length", "must be an integer >= 1"),
+        (_is_int(config.decode.extra_length, 0), "decode.extra_length", "must be an integer >= 0"),
     ]
     for ok, field, message in checks:
         if not ok:
@@ -88,6 +89,22 @@ def _check_devices(config: ml_collections.ConfigDict, devices: Sequence[jax.Devi
         )
     sharding.resolve_mesh_shape(dict(config.mesh.shape), len(devices))
     sharding.rules_from_config(config.mesh.logical_axis_rules)
+
+
+def rows_per_host(
+    config: ml_collections.ConfigDict, process_count: int, devices_per_process: int
+) -> int:
+    """Packed rows each host feeds per step for the config's token budget (train.py and aot)."""
+    return pipeline.rows_for_token_budget(
+        config.data.tokens_per_batch,
+        config.data.max_target_length,
+        process_count,
+        multiple_of=devices_per_process * config.optim.grad_accum_steps,
+    )
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def _lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:

@@ -37,6 +37,8 @@ DEFAULT_RULES: LogicalRules = (
 
 
 LOGICAL_AXES = frozenset(name for name, _ in DEFAULT_RULES)
+# Every device on 'data': parameters replicated, batches split (inference's default mesh).
+DATA_PARALLEL: Mapping[str, int] = {"data": -1}
 
 
 def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -206,11 +208,15 @@ def shardings_of(abstract: Any) -> Any:
     return jax.tree.map(lambda x: x.sharding, abstract)
 
 
+def init_sharded(init_fn: Callable[[], Any], shardings: Any) -> Any:
+    """Run init_fn (boxed leaves) once, jitted, each leaf born in its sharding: no full copy."""
+    return jax.jit(lambda: nn.unbox(init_fn()), out_shardings=shardings)()
+
+
 def sharded_init(init_fn: Callable[[], Any], mesh: Mesh, rules: LogicalRules) -> tuple[Any, Any]:
     """Initialize state directly into its shardings; returns (state, shardings)."""
     shardings = shardings_of(abstract_with_shardings(init_fn, mesh, rules))
-    state = jax.jit(lambda: nn.unbox(init_fn()), out_shardings=shardings)()
-    return state, shardings
+    return init_sharded(init_fn, shardings), shardings
 
 
 def bytes_per_device(tree: Any) -> dict[int, int]:

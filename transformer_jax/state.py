@@ -1,7 +1,7 @@
 """The train state and the one function that gives its shapes and shardings.
 
 Training (the loop, the AOT compiler) builds the whole state; inference (the translator,
-checkpoint averaging, export) asks for the same function without an optimizer and reads the
+checkpoint averaging) asks for the same function without an optimizer and reads the
 parameters alone, so a checkpoint restores into exactly the layout it was trained in.
 """
 
@@ -74,12 +74,14 @@ def init_train_state(
     rules: sharding.LogicalRules,
     optimizer: optax.GradientTransformation,
     seed: int,
+    abstract: TrainState | None = None,
 ) -> TrainState:
-    """The initial state, built directly into the shardings abstract_train_state gives."""
+    """The initial state, built directly into the shardings of abstract_train_state (or given)."""
     model = Transformer(config)
-    abstract = abstract_train_state(config, mesh, rules, optimizer, seed)
+    if abstract is None:
+        abstract = abstract_train_state(config, mesh, rules, optimizer, seed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return jax.jit(
-            lambda: nn.unbox(init_state(model, optimizer, jax.random.key(seed))),
-            out_shardings=sharding.shardings_of(abstract),
-        )()
+        return sharding.init_sharded(
+            lambda: init_state(model, optimizer, jax.random.key(seed)),
+            sharding.shardings_of(abstract),
+        )

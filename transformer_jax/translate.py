@@ -19,6 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries()
     decoding = decoding_kwargs(args)
 
+    from transformer_jax import evaluation
     from transformer_jax.data.sources import read_lines
     from transformer_jax.inference.translator import load
 
@@ -30,9 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A progress bar for files and pipes; not when someone types lines interactively.
     progress = bool(args.input) or not sys.stdin.isatty()
     outputs = translator.translate(lines, progress=progress, **decoding)
-    # A newline inside a translation would break line alignment; it cannot come from the
-    # tokenizer, but guard the contract anyway.
-    text = "".join(out.replace("\n", " ") + "\n" for out in outputs)
+    text = evaluation.as_lines(outputs)  # one line out per line in
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)

@@ -95,6 +95,15 @@ class Workdir:
         """The stored ModelConfig."""
         return self.path / self.MODEL_CONFIG
 
+    def averaged_dir(self, last: int) -> epath.Path:
+        """Where `average --last N` writes its workdir by default."""
+        return self.path / f"averaged_last{last}"
+
+    def write_averaged_from(self, source: Workdir, steps: Iterable[int]) -> None:
+        """Record which workdir and steps an averaged workdir came from."""
+        text = f"{source} steps {', '.join(map(str, steps))}\n"
+        (self.path / self.AVERAGED_FROM).write_text(text)
+
     def hypotheses_path(self, name: str, step: int | None = None) -> epath.Path:
         """<name>.hyp.txt, or <name>.step<N>.hyp.txt for one checkpoint's decoding."""
         return self.path / (f"{name}.hyp.txt" if step is None else f"{name}.step{step}.hyp.txt")
@@ -297,16 +306,14 @@ class Checkpoints:
                 "state": ocp.StandardCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler(),
+                # Read-only: the key item of checkpoints written before "meta" existed.
+                "rng": ocp.JsonCheckpointHandler(),
             },
         )
 
     def latest_step(self) -> int | None:
         """The newest saved step, or None."""
         return self.manager.latest_step()
-
-    def all_steps(self) -> list[int]:
-        """Every saved step, oldest first."""
-        return sorted(self.manager.all_steps())
 
     def maybe_save(
         self,
@@ -331,30 +338,59 @@ class Checkpoints:
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
         return True
 
+    def items(self, step: int) -> set[str]:
+        """The items a saved step holds, as orbax recorded them (state, data, meta, ...)."""
+        return set(self.manager.item_metadata(step).keys())
+
     def restore(
         self, step: int, abstract_state: Any, iterator: Any
     ) -> tuple[Any, jax.Array | None]:
         """(state in the shardings of abstract_state, saved RNG key); the iterator in place."""
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        meta = meta["meta"]
-        args = {"state": ocp.args.StandardRestore(abstract_state)}
-        # grain keeps one iterator state per process: it applies only to the same process count.
-        if iterator is not None and meta["process_count"] == jax.process_count():
-            args["data"] = grain.checkpoint.CheckpointRestore(iterator)
-        elif iterator is not None:
-            log.warning(
-                "%s: its data iterator state was saved by %d process(es), this run has %d; the "
-                "training state is restored but the data pipeline starts from its beginning.",
-                self.directory / str(step),
-                meta["process_count"],
-                jax.process_count(),
-            )
-        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        items = self.items(step)
+        meta = self._meta(step, items)
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
+        if iterator is not None:
+            self._restore_iterator(step, items, meta.get("process_count"), iterator)
         rng = None
         if "key_data" in meta:
             key_data = np.asarray(meta["key_data"], np.uint32)
             rng = jax.random.wrap_key_data(jnp.asarray(key_data))
         return restored["state"], rng
+
+    def _meta(self, step: int, items: set[str]) -> dict[str, Any]:
+        # Checkpoints from before the meta item hold the key alone, as "rng".
+        name = "meta" if "meta" in items else "rng" if "rng" in items else None
+        if name is None:
+            return {}
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()})
+        )
+        return dict(restored[name])
+
+    def _restore_iterator(
+        self, step: int, items: set[str], saved_by: int | None, iterator: Any
+    ) -> None:
+        where = self.directory / str(step)
+        if "data" not in items:
+            reason = "it holds no data iterator state"
+        elif saved_by is not None and saved_by != jax.process_count():
+            # grain keeps one iterator state per process: it applies to the same process count.
+            reason = (
+                f"its data iterator state was saved by {saved_by} process(es), this run has "
+                f"{jax.process_count()}"
+            )
+        else:
+            args = ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator))
+            self.manager.restore(step, args=args)
+            return
+        log.warning(
+            "%s: %s; the training state is restored but the data pipeline starts from its "
+            "beginning.",
+            where,
+            reason,
+        )
 
     def wait(self) -> None:
         """Block until async saves are on disk."""

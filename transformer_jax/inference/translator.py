@@ -155,7 +155,9 @@ def load(
     run = Workdir(workdir)
     config = run.read_model_config()
     tokenizer = run.load_tokenizer(config.vocab_size)
-    mesh = sharding.make_mesh(mesh_shape or {"data": -1})
+    mesh = sharding.make_mesh(mesh_shape or sharding.DATA_PARALLEL)
+    # Each process feeds its own sentences: a 'tensor' group across processes would mix them.
+    sharding.check_mesh_feeds_consistent_rows(mesh)
     rules = sharding.rules_from_config(logical_axis_rules)
     abstract = abstract_train_state(config, mesh, rules).params
     params, step = run.restore_params(step, abstract)

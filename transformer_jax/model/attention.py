@@ -20,7 +20,8 @@ ACT_BLHK = ("activation_batch", "activation_length", "activation_heads", "activa
 # values appended step by step. Everything else in the cache is shared by the rows that decode
 # the same source (the cross-attention memory, projected once) or is a step counter, so a beam
 # search that reorders its hypotheses gathers these leaves only.
-PER_ROW_CACHE = frozenset({"cached_key", "cached_value"})
+CACHED_KEY, CACHED_VALUE = "cached_key", "cached_value"
+PER_ROW_CACHE = frozenset({CACHED_KEY, CACHED_VALUE})
 
 
 def make_attention_mask(
@@ -231,12 +232,12 @@ class MultiHeadAttention(nn.Module):
         self, key_Bx1xGxK: Array, value_Bx1xGxK: Array, mask: Array | None
     ) -> tuple[Array, Array, Array | None]:
         """Self-attention cache: the first call sizes it; each later call writes one step."""
-        initialized = self.has_variable("cache", "cached_key")
+        initialized = self.has_variable("cache", CACHED_KEY)
         cached_key = self.variable(
-            "cache", "cached_key", jnp.zeros, key_Bx1xGxK.shape, key_Bx1xGxK.dtype
+            "cache", CACHED_KEY, jnp.zeros, key_Bx1xGxK.shape, key_Bx1xGxK.dtype
         )
         cached_value = self.variable(
-            "cache", "cached_value", jnp.zeros, value_Bx1xGxK.shape, value_Bx1xGxK.dtype
+            "cache", CACHED_VALUE, jnp.zeros, value_Bx1xGxK.shape, value_Bx1xGxK.dtype
         )
         cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         if not initialized:

@@ -47,12 +47,7 @@ def prepare(
         tokenizer.path,
         tokenizer.vocab_size,
     )
-    rows_per_host = pipeline.rows_for_token_budget(
-        config.data.tokens_per_batch,
-        config.data.max_target_length,
-        jax.process_count(),
-        multiple_of=jax.local_device_count() * config.optim.grad_accum_steps,
-    )
+    rows_per_host = experiment.rows_per_host(config, jax.process_count(), jax.local_device_count())
     train_iter = iter(
         pipeline.make_train_dataset(
             train_pairs,

@@ -52,7 +52,14 @@ class Program:
 
     def init_state(self) -> TrainState:
         """The initial state, built directly into its shardings."""
-        return init_train_state(self.model_config, self.mesh, self.rules, self.optimizer, self.seed)
+        return init_train_state(
+            self.model_config,
+            self.mesh,
+            self.rules,
+            self.optimizer,
+            self.seed,
+            self.abstract_state,
+        )
 
 
 def build(config: ml_collections.ConfigDict, model_config: ModelConfig, mesh: Mesh) -> Program:

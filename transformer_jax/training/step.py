@@ -1,4 +1,5 @@
-"""Pure training and evaluation steps: train_step(state, batch, rng) -> (state, metrics)."""
+"""Training and evaluation steps: pure train_step(state, batch, rng) -> (state, metrics), and
+the one place they are jitted with their shardings."""
 
 from __future__ import annotations
 
