@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from transformer_jax import cpu_malloc
+from transformer_jax import cpu_malloc, distributed
 from transformer_jax.training.loop import new_workdir, train_and_evaluate
 
 log = logging.getLogger("transformer_jax.train")
@@ -28,6 +29,28 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "Call jax.distributed.initialize() first: set on every host of a multi-host TPU pod slice "
     "(coordinator and process ids are detected there).",
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "With --distributed outside Cloud TPU/SLURM (GPU hosts, one machine): host:port of process "
+    "0; give --num_processes and --process_id too. Detected on Cloud TPU VMs.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
+_PEER_TIMEOUT = flags.DEFINE_float(
+    "peer_timeout",
+    120.0,
+    "With --distributed: seconds without a heartbeat from another process before this one "
+    "exits naming it (instead of waiting in a collective for good).",
+)
+# Errors a user can act on (a bad config, a corrupt or missing file, NaN): one line, no
+# traceback. TRANSFORMER_JAX_TRACEBACK=1 shows the traceback too.
+_USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+
+
+def _from_the_runtime(e: BaseException) -> bool:
+    """An error raised by XLA's runtime (a collective, a device), not by a check of ours."""
+    return isinstance(e, jax.errors.JaxRuntimeError) or type(e).__module__.startswith("jax")
 
 
 def main(argv: list[str]) -> None:
@@ -40,11 +63,17 @@ def main(argv: list[str]) -> None:
     # Orbax and grain log every save at INFO through absl; keep their warnings, show ours.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("transformer_jax").setLevel(logging.INFO)
+    watchdog = None
     if _DISTRIBUTED.value:
         if not _WORKDIR.value:
             # Each host would otherwise invent its own timestamped folder.
             raise app.UsageError("--distributed needs --workdir (the same path on every host)")
-        jax.distributed.initialize()
+        watchdog = distributed.initialize(
+            peer_timeout_s=_PEER_TIMEOUT.value,
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
         log.info("Process %d of %d", jax.process_index(), jax.process_count())
     if cpu_malloc.applied():
         log.info(
@@ -55,7 +84,16 @@ def main(argv: list[str]) -> None:
         )
     workdir = _WORKDIR.value or str(new_workdir())
     log.info("Workdir: %s", workdir)
-    result = train_and_evaluate(_CONFIG.value, workdir)
+    try:
+        result = train_and_evaluate(_CONFIG.value, workdir)
+    except Exception as e:
+        if watchdog is not None and _from_the_runtime(e):
+            # A collective that failed may mean a lost peer: let the watchdog name it.
+            watchdog.verdict()
+        if not isinstance(e, _USER_ERRORS) or os.environ.get("TRANSFORMER_JAX_TRACEBACK") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     log.info("Done (%s at step %d). Workdir: %s", result.stopped_by, result.step, workdir)
 
 

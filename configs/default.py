@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.tokenizer.vocab_size = 1024  # SentencePiece pieces (shared EN+DE).
     config.data.tokenizer.model_type = "bpe"  # "bpe" (paper: BPE) | "unigram".
     config.data.tokenizer.max_sentences = 1_000_000  # Cap on tokenizer training sentences.
+    # Resuming on another number of processes cannot continue the data stream exactly (a few
+    # examples repeat or are skipped; the run says how many): True accepts that, False refuses.
+    config.data.reshard_on_resume = False
 
     config.optim = ml_collections.ConfigDict()
     config.optim.warmup_steps = 400  # Paper: 4000 (a short run needs a short warmup).
@@ -42,6 +45,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.weight_decay = 0.0  # Decoupled weight decay; 0 = Adam (paper).
     config.optim.grad_accum_steps = 1  # Micro-batches per step (same update as one big batch).
     config.optim.label_smoothing = 0.1  # Paper.
+    # A step whose loss, gradients or update is NaN/inf is never saved. False (the paper's
+    # recipe): the run stops at the next log or save naming the step. True: such steps leave
+    # the state unchanged (as fairseq skips them) and are counted in the logs.
+    config.optim.skip_nonfinite_updates = False
+    config.optim.max_nonfinite_in_a_row = 10  # With skipping: stop after this many in a row.
 
     config.train = ml_collections.ConfigDict()
     config.train.num_steps = 1200  # Optimizer steps (about 4 minutes on 2 CPU cores).

@@ -33,6 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "training": {"config", "model", "data", *SHARED, "inference"},
     "cli": {"inference"},
     "cpu_malloc": set(),
+    "distributed": set(),
     **{command: LIBRARY | {"cli"} for command in COMMANDS},
 }
 # What training may use of inference: its public decoding engine, nothing else.

@@ -23,7 +23,9 @@ import portpicker
 import pytest
 from conftest import ROOT, checkpoint_params, tiny_train_config
 
+from transformer_jax.training.inputs import StreamPosition
 from transformer_jax.training.loop import train_and_evaluate
+from transformer_jax.workdir import Workdir
 
 # argv: process id, process count, coordinator port, then the script's own arguments.
 PREAMBLE = textwrap.dedent(
@@ -172,12 +174,12 @@ STEP_SCRIPT = textwrap.dedent(
             # Every process saves its shards into one directory; a fresh state restores them.
             workdir = out / f"{name}_{nproc}proc"
             ckpt = Workdir(workdir).checkpoints(save_every=1, max_to_keep=1, async_save=True)
-            ckpt.maybe_save(2, state, None)
+            ckpt.save(2, state, None)
             ckpt.wait()
             abstract = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
             del state
-            state, _ = ckpt.restore(2, abstract, None)
+            state = ckpt.restore_state(2, abstract).state
             ckpt.close()
             state = train(state, range(2, 4))
         # Bytes of distinct parameter slices this process holds (a replicated leaf counts once).
@@ -203,6 +205,15 @@ STEP_SCRIPT = textwrap.dedent(
            refused=refused)
     """
 )
+
+
+def _meta(workdir: Path, step: int) -> dict:
+    """The meta record (RNG key, process count, stream position) of one checkpoint."""
+    ckpt = Workdir(workdir).checkpoints(save_every=0, max_to_keep=10)
+    try:
+        return ckpt.meta(step)
+    finally:
+        ckpt.close()
 
 
 def _load_npz(path: Path) -> list[np.ndarray]:
@@ -294,15 +305,28 @@ def test_two_processes_train_save_and_resume_like_an_uninterrupted_run(
         np.testing.assert_array_equal(a, b)
 
     # One process (this one, one device) carries on from the 2-process checkpoint: the state
-    # reshards; the data iterator state, saved per process, cannot apply and restarts (logged).
+    # reshards, but grain's per-process iterator states cannot apply. Refused unless asked for,
+    # saying what continuing costs; then it continues the stream where the hosts stopped.
     config = tiny_train_config(small_corpus)
     config.data.test_split = ""
     config.train.num_steps = 6
     config.train.eval_bleu_sentences = 8
-    with caplog.at_level(logging.WARNING, logger="transformer_jax.workdir"):
+    with pytest.raises(ValueError, match="saved by 2 process") as refused:
+        train_and_evaluate(config, tmp_path / "straight")
+    assert "config.data.reshard_on_resume" in str(refused.value)
+    assert "re-reads at most" in str(refused.value) and "skips" in str(refused.value)
+    config.data.reshard_on_resume = True
+    with caplog.at_level(logging.WARNING, logger="transformer_jax"):
         carried_on = train_and_evaluate(config, tmp_path / "straight")
     assert carried_on.step == 6 and np.isfinite(carried_on.final_metrics["train_loss"])
     assert "saved by 2 process(es), this run has 1" in caplog.text
+    # Where the two hosts stood at step 4: the new run starts at the first example one of them
+    # had not read, not at example 0, and records that start for its own checkpoints.
+    position = _meta(tmp_path / "straight", 4)["data"]
+    point, _, _ = StreamPosition(**position).resume_point()
+    assert point > 0 and f"continuing from example {point:,}" in caplog.text
+    resumed_position = _meta(tmp_path / "straight", 6)["data"]
+    assert resumed_position["start"] == point and len(resumed_position["read"]) == 1
 
 
 CROSS_MESH_SCRIPT = textwrap.dedent(
@@ -335,7 +359,7 @@ CROSS_MESH_SCRIPT = textwrap.dedent(
         mesh = sharding.make_mesh(dict(config.mesh.shape))
         program = build(config, experiment.validate(config, jax.devices()), mesh)
         ckpt = Workdir(workdir).checkpoints(save_every=0, max_to_keep=5, async_save=False)
-        restored, _ = ckpt.restore(step, program.abstract_state, None)
+        restored = ckpt.restore_state(step, program.abstract_state).state
         ckpt.close()
         return restored
 
@@ -420,3 +444,86 @@ def test_translator_on_two_processes_returns_every_translation_on_every_process(
         assert one["outputs"][method] == expected, method
         for result in two:  # each process decoded half and gathered the rest
             assert result["outputs"][method] == expected, (method, result["pid"])
+
+
+LOST_CONFIG = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from conftest import tiny_train_config
+
+def get_config():
+    config = tiny_train_config(Path({corpus!r}))
+    config.train.num_steps = 100000
+    config.train.log_every = 1
+    config.train.checkpoint_every = 0
+    config.data.test_split = ""
+    return config
+"""
+PEER_TIMEOUT = 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signal_name", "victim"), [("SIGSTOP", 1), ("SIGKILL", 0)])
+def test_a_lost_process_makes_the_others_exit_in_bounded_time(
+    signal_name: str, victim: int, small_corpus: Path, tmp_path: Path
+) -> None:
+    import signal
+
+    config_file = tmp_path / "config.py"
+    config_file.write_text(LOST_CONFIG.format(tests=str(ROOT / "tests"), corpus=str(small_corpus)))
+    port = str(portpicker.pick_unused_port())
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
+    logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+    procs = []
+    for i, log_path in enumerate(logs):
+        with log_path.open("w") as sink:
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "train.py",
+                        "--distributed",
+                        f"--coordinator_address=127.0.0.1:{port}",
+                        "--num_processes=2",
+                        f"--process_id={i}",
+                        f"--peer_timeout={PEER_TIMEOUT}",
+                        f"--config={config_file}",
+                        f"--workdir={tmp_path / 'run'}",
+                    ],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    survivor = procs[1 - victim]
+    try:
+        deadline = time.monotonic() + 150
+        while "step 3:" not in logs[victim].read_text():  # both are training by then
+            alive = all(p.poll() is None for p in procs)
+            assert alive and time.monotonic() < deadline, [t.read_text()[-2000:] for t in logs]
+            time.sleep(0.2)
+        procs[victim].send_signal(getattr(signal, signal_name))
+        lost_at = time.monotonic()
+        code = survivor.wait(timeout=PEER_TIMEOUT + 30)
+        waited = time.monotonic() - lost_at
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    text = logs[1 - victim].read_text()
+    assert code != 0 and waited <= PEER_TIMEOUT + 15, (code, waited, text[-3000:])
+    if victim == 1:
+        # The watchdog: a hung process keeps its sockets open, so the collective would wait
+        # for good; the survivor names it instead.
+        assert code == 3, text[-3000:]
+        assert "error: process 0: process 1 of 2 has sent no heartbeat for" in text
+    else:
+        # The coordinator itself is gone: jax's client ends the process at once, saying so.
+        assert "coordination service" in text, text[-3000:]

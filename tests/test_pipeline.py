@@ -242,6 +242,33 @@ def test_shards_are_disjoint_and_cover_the_data(
     assert abs(sum(shards[0].values()) - sum(shards[1].values())) <= 1
 
 
+def test_start_index_drops_a_prefix_of_the_global_order_for_any_number_of_shards(
+    pairs: list[tuple[str, str]], tokenizer: Tokenizer
+) -> None:
+    """How a resume on another number of hosts continues: the same examples however split."""
+
+    def seen(start: int, count: int) -> collections.Counter[Example]:
+        return collections.Counter(
+            example
+            for i in range(count)
+            for example in _examples(
+                list(
+                    _dataset(pairs, tokenizer, shard_index=i, shard_count=count, start_index=start)
+                )
+            )
+        )
+
+    after_40 = seen(40, 1)
+    assert sum(after_40.values()) == len(pairs) - 40
+    assert seen(40, 3) == seen(40, 2) == after_40
+    assert sum(seen(100, 2).values()) == len(pairs) - 100
+    assert (
+        seen(100, 2) <= after_40 < seen(0, 1) == collections.Counter(_tokenized(pairs, tokenizer))
+    )
+    with pytest.raises(ValueError, match="start_index"):
+        _dataset(pairs, tokenizer, start_index=-1)
+
+
 def test_train_dataset_rejects_bad_arguments(
     pairs: list[tuple[str, str]], tokenizer: Tokenizer
 ) -> None:

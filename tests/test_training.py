@@ -361,6 +361,8 @@ def test_default_style_run_evaluates_and_writes_results(small_corpus: Path, tmp_
     assert len((workdir / "test.hyp.txt").read_text().splitlines()) == 32
     assert 0.0 <= result.final_metrics["test_bleu"] <= 100.0
     assert list((workdir / "tensorboard").iterdir())
+    if Path("/proc/self/statm").exists():  # host memory is part of every log line
+        assert 0.05 < result.final_metrics["train_host_rss_gb"] < 100
 
 
 SIGTERM_CONFIG = """
@@ -485,13 +487,17 @@ def test_checkpoint_round_trips_state_rng_and_iterator(tmp_path: Path) -> None:
     state = {"step": jnp.array(7), "params": {"w": jnp.arange(6.0).reshape(2, 3)}}
     rng = jax.random.key(1234)
     ckpt = Workdir(tmp_path).checkpoints(save_every=5, max_to_keep=2, async_save=True)
-    assert not ckpt.maybe_save(7, state, iterator, rng)  # not a multiple of 5
-    assert ckpt.maybe_save(10, state, iterator, rng)
+    assert not ckpt.due(7)  # not a multiple of 5
+    assert ckpt.due(10)
+    ckpt.save(10, state, iterator, rng)
+    assert not ckpt.due(10)  # saved already
     expected_next = [next(iterator) for _ in range(3)]  # the save must not see these
     ckpt.wait()
     restored_iterator = numbers()
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    restored, restored_rng = ckpt.restore(10, abstract, restored_iterator)
+    back = ckpt.restore_state(10, abstract)
+    ckpt.restore_iterator(10, restored_iterator)
+    restored, restored_rng = back.state, back.rng
     ckpt.close()
     np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
     assert [next(restored_iterator) for _ in range(3)] == expected_next

@@ -67,7 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"error: {e}") from e
     if args.limit:
         sources, references = sources[: args.limit], references[: args.limit]
-    translator = load(args.workdir, args.step)
+    try:
+        translator = load(args.workdir, args.step)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from e
     hypotheses = translator.translate(sources, progress=True, **decoding)
     output = args.output or Workdir(args.workdir).hypotheses_path(name, translator.step)
     evaluation.write_hypotheses(output, hypotheses)

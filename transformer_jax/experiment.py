@@ -52,6 +52,11 @@ def validate(
         (config.optim.warmup_steps >= 1, "optim.warmup_steps", "must be >= 1"),
         (config.optim.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be >= 1"),
         (0 <= config.optim.label_smoothing < 1, "optim.label_smoothing", "must be in [0, 1)"),
+        (
+            _is_int(config.optim.max_nonfinite_in_a_row, 1),
+            "optim.max_nonfinite_in_a_row",
+            "must be an integer >= 1",
+        ),
         (config.data.tokens_per_batch >= 1, "data.tokens_per_batch", "must be >= 1"),
         (config.data.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1"),
         (

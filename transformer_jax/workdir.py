@@ -14,11 +14,12 @@ and orbax writes the arrays with tensorstore's own drivers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import grain
 import jax
@@ -27,6 +28,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from transformer_jax.config import ModelConfig
 from transformer_jax.data.tokenizer import Tokenizer, check_vocab, load_or_train_tokenizer
@@ -217,46 +219,43 @@ class Workdir:
         )
 
     def restore_params(self, step: int | None, abstract_params: Any) -> tuple[Any, int]:
-        """Only the parameters of one checkpoint (default: the newest), into abstract's shardings.
+        """Only the parameters of one checkpoint, into abstract's shardings; (params, step).
 
         Reads params alone (partial restore), so the optimizer's moments never reach memory.
+        step=None takes the newest readable checkpoint: one that fails to read or holds
+        NaN/inf is named in a warning and the one before it is tried (nothing is deleted).
+        A given step that cannot be read is an error naming it.
         """
-        directory = self.checkpoint_dir
         steps = self.steps()
         if not steps:
             raise FileNotFoundError(
-                f"{directory}: no checkpoints; train first "
+                f"{self.checkpoint_dir}: no checkpoints; train first "
                 f"(python train.py --workdir={self.path}) or point at a workdir that has them"
             )
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
+        if step is not None and step not in steps:
             raise ValueError(f"{self.path}: no checkpoint for step {step}; saved steps are {steps}")
+        candidates = [step] if step is not None else steps[::-1]
         manager = ocp.CheckpointManager(
-            directory,
+            self.checkpoint_dir,
             options=ocp.CheckpointManagerOptions(create=False),
             item_handlers={"state": ocp.PyTreeCheckpointHandler()},
         )
         target = {"params": abstract_params}
-        try:
-            restored = manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(
-                        item=target,
-                        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                        partial_restore=True,
-                    )
-                ),
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+
+        def read(s: int) -> Any:
+            item = ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True
             )
-        except (ValueError, KeyError) as e:
-            raise ValueError(
-                f"{directory / str(step)}: its parameters do not fit "
-                f"{self.MODEL_CONFIG} ({e}); the checkpoint and the model config disagree"
-            ) from e
+            params = manager.restore(s, args=ocp.args.Composite(state=item))["state"]["params"]
+            require_finite(params, "parameters")
+            return params
+
+        try:
+            found, params = newest_readable(self.checkpoint_dir, candidates, read)
         finally:
             manager.close()
-        return restored["state"]["params"], step
+        return params, found
 
     def save_params(self, step: int, params: Any) -> None:
         """Write a params-only checkpoint (averaged weights) that load() and evaluate read."""
@@ -311,55 +310,83 @@ class Checkpoints:
             },
         )
 
-    def latest_step(self) -> int | None:
-        """The newest saved step, or None."""
-        return self.manager.latest_step()
+    def steps(self) -> list[int]:
+        """Every saved step, oldest first."""
+        return sorted(self.manager.all_steps())
 
-    def maybe_save(
+    def due(self, step: int) -> bool:
+        """Whether step is a periodic save step (a multiple of save_every) not yet saved."""
+        return self.save_every > 0 and step % self.save_every == 0 and not self.has(step)
+
+    def has(self, step: int) -> bool:
+        """Whether a checkpoint of this step exists."""
+        return step in self.manager.all_steps()
+
+    def save(
         self,
         step: int,
         state: Any,
         iterator: Any,
         rng: jax.Array | None = None,
-        *,
-        force: bool = False,
-    ) -> bool:
-        """Save when step is a multiple of save_every (or forced); returns whether it saved."""
-        if not force and (self.save_every <= 0 or step % self.save_every):
-            return False
-        if step in self.manager.all_steps():
-            return False
-        meta: dict[str, Any] = {"process_count": jax.process_count()}
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        """Save state, the iterator's state and meta (RNG key, process count, extra fields)."""
+        record: dict[str, Any] = {"process_count": jax.process_count(), **(meta or {})}
         if rng is not None:
-            meta["key_data"] = np.asarray(jax.random.key_data(rng)).tolist()
-        args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+            record["key_data"] = np.asarray(jax.random.key_data(rng)).tolist()
+        args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(record)}
         if iterator is not None:
             args["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator.get_state()))
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
-        return True
 
     def items(self, step: int) -> set[str]:
         """The items a saved step holds, as orbax recorded them (state, data, meta, ...)."""
         return set(self.manager.item_metadata(step).keys())
 
-    def restore(
-        self, step: int, abstract_state: Any, iterator: Any
-    ) -> tuple[Any, jax.Array | None]:
-        """(state in the shardings of abstract_state, saved RNG key); the iterator in place."""
+    def restore_state(self, step: int, abstract_state: Any) -> Restored:
+        """One step's state in the shardings of abstract_state, checked finite, and its meta."""
         items = self.items(step)
-        meta = self._meta(step, items)
+        meta = self.meta(step, items)
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )
-        if iterator is not None:
-            self._restore_iterator(step, items, meta.get("process_count"), iterator)
+        require_finite(restored["state"], "training state")
         rng = None
         if "key_data" in meta:
             key_data = np.asarray(meta["key_data"], np.uint32)
             rng = jax.random.wrap_key_data(jnp.asarray(key_data))
-        return restored["state"], rng
+        return Restored(step, restored["state"], rng, meta, has_data="data" in items)
 
-    def _meta(self, step: int, items: set[str]) -> dict[str, Any]:
+    def restore_newest(self, abstract_state: Any) -> Restored | None:
+        """The newest checkpoint that reads back whole and finite; None if there is none.
+
+        A damaged or non-finite newer one is named in a warning and moved aside to
+        <workdir>/damaged_checkpoints/ (never deleted), so this run can save that step again.
+        """
+        steps = self.steps()
+        if not steps:
+            return None
+        failed: list[int] = []
+
+        def read(step: int) -> Restored:
+            try:
+                return self.restore_state(step, abstract_state)
+            except Exception:
+                failed.append(step)
+                raise
+
+        _, restored = newest_readable(self.directory, steps[::-1], read)
+        self._set_aside(failed)
+        return restored
+
+    def restore_iterator(self, step: int, iterator: Any) -> None:
+        """Put the iterator where it was when step was saved (same dataset, same processes)."""
+        args = ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator))
+        self.manager.restore(step, args=args)
+
+    def meta(self, step: int, items: set[str] | None = None) -> dict[str, Any]:
+        """A step's meta record: RNG key, process count, stream position, skipped steps."""
+        items = self.items(step) if items is None else items
         # Checkpoints from before the meta item hold the key alone, as "rng".
         name = "meta" if "meta" in items else "rng" if "rng" in items else None
         if name is None:
@@ -369,28 +396,23 @@ class Checkpoints:
         )
         return dict(restored[name])
 
-    def _restore_iterator(
-        self, step: int, items: set[str], saved_by: int | None, iterator: Any
-    ) -> None:
-        where = self.directory / str(step)
-        if "data" not in items:
-            reason = "it holds no data iterator state"
-        elif saved_by is not None and saved_by != jax.process_count():
-            # grain keeps one iterator state per process: it applies to the same process count.
-            reason = (
-                f"its data iterator state was saved by {saved_by} process(es), this run has "
-                f"{jax.process_count()}"
-            )
-        else:
-            args = ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator))
-            self.manager.restore(step, args=args)
+    def _set_aside(self, steps: list[int]) -> None:
+        if not steps:
             return
-        log.warning(
-            "%s: %s; the training state is restored but the data pipeline starts from its "
-            "beginning.",
-            where,
-            reason,
-        )
+        aside = self.directory.parent / DAMAGED_CHECKPOINTS
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                target = aside / str(step)
+                suffix = 1
+                while target.exists():
+                    target = aside / f"{step}.{suffix}"
+                    suffix += 1
+                (self.directory / str(step)).rename(target)
+                log.warning("Moved the unreadable checkpoint %d to %s (not deleted).", step, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("transformer_jax:set_aside")
+        self.manager.reload()
 
     def wait(self) -> None:
         """Block until async saves are on disk."""
@@ -400,3 +422,72 @@ class Checkpoints:
         """Finish pending saves and release the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+DAMAGED_CHECKPOINTS = "damaged_checkpoints"
+
+
+@dataclasses.dataclass
+class Restored:
+    """A checkpoint read back: its step, state, RNG key and meta record."""
+
+    step: int
+    state: Any
+    rng: jax.Array | None
+    meta: dict[str, Any]
+    has_data: bool  # whether it holds a data iterator state
+
+
+class UnreadableCheckpointError(ValueError):
+    """No checkpoint of a workdir could be read; the message names each one and why."""
+
+
+def require_finite(tree: Any, what: str) -> None:
+    """Raise ValueError if any floating-point leaf of tree holds NaN or inf."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    if leaves and not bool(_all_finite(leaves)):
+        raise ValueError(f"its {what} hold NaN/inf values")
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+T = TypeVar("T")
+
+
+def newest_readable(
+    directory: epath.Path, steps: Sequence[int], read: Callable[[int], T]
+) -> tuple[int, T]:
+    """read() the first step that works, newest first, warning about each one that does not."""
+    reasons = []
+    for step in steps:
+        try:
+            result = read(step)
+        except Exception as e:  # orbax, tensorstore and json raise many types for one cause
+            reason = _first_line(e)
+            reasons.append(f"step {step}: {reason}")
+            if len(steps) > 1:
+                log.warning(
+                    "%s: cannot be read, it is damaged, incomplete or not this model's (%s); "
+                    "trying the checkpoint before it.",
+                    directory / str(step),
+                    reason,
+                )
+            continue
+        return step, result
+    if len(steps) == 1:
+        raise UnreadableCheckpointError(
+            f"{directory / str(steps[0])}: cannot be read ({reasons[0].partition(': ')[2]}); "
+            "pick another step, or copy this one again from where it came from."
+        )
+    raise UnreadableCheckpointError(
+        f"{directory}: no readable checkpoint ({'; '.join(reasons)}). Copy intact checkpoints "
+        "back, or move the folder away to start afresh."
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]

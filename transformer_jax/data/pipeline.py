@@ -3,8 +3,8 @@
 Training (`make_train_dataset`):
 
     pairs -> shuffle(seed; a new order every epoch) -> repeat(num_epochs)
-    -> [shard_index::shard_count] -> tokenize (+EOS) -> drop empty / over-long (counted)
-    -> first-fit packing -> batch
+    -> [start_index + shard_index::shard_count] -> tokenize (+EOS)
+    -> drop empty / over-long (counted) -> first-fit packing -> batch
 
 Every batch is a dict of int32 numpy arrays with static shapes:
 
@@ -76,6 +76,7 @@ def make_train_dataset(
     num_packing_bins: int | None = None,
     read_threads: int = 0,
     worker_count: int = 0,
+    start_index: int = 0,
 ) -> grain.IterDataset:
     """Packed training batches of this host's shard; see the module docstring for the format.
 
@@ -99,6 +100,9 @@ def make_train_dataset(
         150k target tokens/s (docs/data.md), so a fast accelerator host may need several.
         Workers need absl flags parsed (train.py runs under absl.app), and a state restores
         only into a dataset with the same worker_count.
+      start_index: skip the first start_index examples of the global (shuffled, repeated)
+        order before the hosts split it: how a run resumed on another number of hosts
+        continues the stream (`training.inputs.resume_position`).
 
     Returns:
       A `grain.IterDataset`; `iter()` of it is a checkpointable `grain.DatasetIterator`.
@@ -127,6 +131,7 @@ def make_train_dataset(
     _require(bins >= 1, "num_packing_bins", f"must be >= 1, got {bins}")
     _require(read_threads >= 0, "read_threads", f"must be >= 0, got {read_threads}")
     _require(worker_count >= 0, "worker_count", f"must be >= 0, got {worker_count}")
+    _require(start_index >= 0, "start_index", f"must be >= 0, got {start_index}")
 
     ds = grain.MapDataset.source(pairs)
     # Shuffle before repeat: grain's shuffle reseeds per epoch from the global index, so
@@ -135,7 +140,7 @@ def make_train_dataset(
     # seeds from seeing the same epoch orders one epoch apart.
     shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1, np.uint32)[0])
     ds = ds.shuffle(seed=shuffle_seed).repeat(num_epochs)
-    ds = ds[shard_index::shard_count]
+    ds = ds[start_index + shard_index :: shard_count]
     ds = ds.map(_Tokenize(tokenizer))
     it = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64 * read_threads)

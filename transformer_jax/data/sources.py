@@ -220,12 +220,18 @@ def tsv_pairs(
     return _filter_pairs(rows, str(path), max_chars)
 
 
-def read_lines(source: str | Path | BinaryIO, name: str | None = None) -> list[str]:
+def read_lines(
+    source: str | Path | BinaryIO,
+    name: str | None = None,
+    invalid: Literal["raise", "empty"] = "raise",
+) -> list[str]:
     """All lines of UTF-8 text, without line ends: a file (`.gz` read transparently) or a stream.
 
     The one set of line rules for every command and source: lines end at "\\n" only (a "\\r"
     before it is dropped), a final line without one is kept, a byte-order mark is not part of
-    the first line, and invalid UTF-8 is a ValueError naming the file (or `name`) and line.
+    the first line. Invalid UTF-8 is a ValueError naming the file (or `name`) and line; with
+    invalid="empty" such lines become empty strings instead (keeping the line count) and one
+    warning names them.
     """
     if isinstance(source, str | Path):
         path = Path(source)
@@ -237,16 +243,18 @@ def read_lines(source: str | Path | BinaryIO, name: str | None = None) -> list[s
         name = name or str(path)
     else:
         data = source.read()
-        name = name or getattr(source, "name", "<stream>")
+        name = name or str(getattr(source, "name", "<stream>"))
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        bad = data[e.start : e.start + 4]
-        raise ValueError(
-            f"{name}:{line}: invalid UTF-8 (bytes {bad!r}); re-encode the text as UTF-8, "
-            "e.g. `iconv -f latin1 -t utf-8`."
-        ) from e
+        if invalid == "raise":
+            bad = data[e.start : e.start + 4]
+            raise ValueError(
+                f"{name}:{line}: invalid UTF-8 (bytes {bad!r}); re-encode the text as UTF-8, "
+                "e.g. `iconv -f latin1 -t utf-8`."
+            ) from e
+        text = _blank_invalid_lines(data, name)
     # Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085, form feeds, ...,
     # which occur inside WMT sentences and would misalign the two sides.
     lines = text.split("\n")
@@ -255,6 +263,25 @@ def read_lines(source: str | Path | BinaryIO, name: str | None = None) -> list[s
     if lines and lines[0].startswith("\ufeff"):
         lines[0] = lines[0][1:]  # A byte-order mark is not part of the first sentence.
     return [line.rstrip("\r") for line in lines]
+
+
+def _blank_invalid_lines(data: bytes, name: str) -> str:
+    """The text with every line that is not valid UTF-8 emptied; warns naming those lines."""
+    lines, bad = [], []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            lines.append("")
+            bad.append(number)
+    shown = ", ".join(map(str, bad[:20])) + (", ..." if len(bad) > 20 else "")
+    logging.warning(
+        "%s: %d line(s) are not valid UTF-8 and were replaced by empty lines (line %s).",
+        name,
+        len(bad),
+        shown,
+    )
+    return "\n".join(lines)
 
 
 def _filter_pairs(rows: Any, origin: str, max_chars: int | None) -> Pairs:

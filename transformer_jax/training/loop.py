@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -20,6 +20,7 @@ from transformer_jax import evaluation, experiment, sharding
 from transformer_jax.inference.engine import DecodeSettings, JaxEngine
 from transformer_jax.state import TrainState
 from transformer_jax.training import inputs, loss, metrics
+from transformer_jax.training.guard import FiniteGuard
 from transformer_jax.training.preemption import Preemption
 from transformer_jax.training.program import Program, build
 from transformer_jax.workdir import Checkpoints, Workdir
@@ -47,7 +48,11 @@ class _Run:
     data: inputs.TrainingData
     engine: JaxEngine
     writer: metrics.MetricWriter
+    ckpt: Checkpoints
     final: dict[str, float] = dataclasses.field(default_factory=dict)
+    train_iter: Any = None
+    counter: inputs.StreamCounter = dataclasses.field(default_factory=inputs.StreamCounter)
+    guard: FiniteGuard | None = None
 
 
 def train_and_evaluate(
@@ -70,17 +75,17 @@ def train_and_evaluate(
     mesh = sharding.make_mesh(dict(config.mesh.shape))
     sharding.check_mesh_feeds_consistent_rows(mesh)
     program = build(config, model_config, mesh)
-    engine = JaxEngine(model_config, mesh, program.rules)
     ckpt = run.checkpoints(
         save_every=config.train.checkpoint_every,
         max_to_keep=config.train.max_to_keep,
         async_save=config.train.async_checkpointing,
     )
     writer = metrics.MetricWriter(run.tensorboard_dir)
-    parts = _Run(config, run, program, data, engine, writer)
+    engine = JaxEngine(model_config, mesh, program.rules)
+    parts = _Run(config, run, program, data, engine, writer, ckpt)
     try:
-        state, rng = restore_or_init(ckpt, program, data.train_iter)
-        state, step, stopped_by = _train(parts, ckpt, state, rng, stop_after)
+        state, rng = restore_or_init(parts)
+        state, step, stopped_by = _train(parts, state, rng, stop_after)
     finally:
         ckpt.close()
     if stopped_by == "finished":
@@ -97,24 +102,46 @@ def train_and_evaluate(
     return TrainResult(step, stopped_by, parts.final, run.path)
 
 
-def restore_or_init(
-    ckpt: Checkpoints, program: Program, train_iter: Any
-) -> tuple[TrainState, jax.Array]:
-    """Continue from the newest checkpoint in the workdir (state, RNG, data), else start fresh."""
-    rng = jax.random.key(program.seed)
-    latest = ckpt.latest_step()
-    if latest is None:
-        return program.init_state(), rng
-    log.info("Restoring step %d from %s", latest, ckpt.directory)
-    restored, saved_rng = ckpt.restore(latest, program.abstract_state, train_iter)
-    return restored, rng if saved_rng is None else saved_rng
+def restore_or_init(run: _Run) -> tuple[TrainState, jax.Array]:
+    """Continue from the newest readable checkpoint (state, RNG, data stream), else start fresh.
+
+    Sets up run.train_iter, run.counter and run.guard to match.
+    """
+    program, config = run.program, run.config
+    resumed = run.ckpt.restore_newest(program.abstract_state)
+    start, exact = inputs.resume_start(config, resumed.meta if resumed else None)
+    run.train_iter = run.data.train_iterator(start)
+    run.counter = inputs.StreamCounter(start)
+    run.guard = FiniteGuard(
+        skip=config.optim.skip_nonfinite_updates,
+        max_in_a_row=config.optim.max_nonfinite_in_a_row,
+        checkpoint_dir=run.ckpt.directory,
+        last_finite_save=resumed.step if resumed else None,
+    )
+    if resumed is None:
+        return program.init_state(), jax.random.key(program.seed)
+    log.info("Restored step %d from %s", resumed.step, run.ckpt.directory)
+    position = resumed.meta.get("data")
+    if exact and resumed.has_data:
+        run.ckpt.restore_iterator(resumed.step, run.train_iter)
+        if position:
+            run.counter.emitted = position["emitted"][jax.process_index()]
+    elif exact:
+        log.warning(
+            "%s: holds no data iterator state; the training state is restored but the data "
+            "stream starts from its beginning.",
+            run.ckpt.directory / str(resumed.step),
+        )
+    rng = jax.random.key(program.seed) if resumed.rng is None else resumed.rng
+    return resumed.state, rng
 
 
 def _train(
-    run: _Run, ckpt: Checkpoints, state: TrainState, rng: jax.Array, stop_after: int | None
+    run: _Run, state: TrainState, rng: jax.Array, stop_after: int | None
 ) -> tuple[TrainState, int, str]:
     """Steps until num_steps, a signal or stop_after; logs, evaluates and saves on the way."""
-    config, program = run.config, run.program
+    config, program, guard = run.config, run.program, run.guard
+    assert guard is not None
     train = config.train
     start = int(jax.device_get(state.step))
     _log_start(run, state, start)
@@ -122,29 +149,43 @@ def _train(
     pending: list[dict[str, jax.Array]] = []
     interval_start = time.perf_counter()
     step, stopped_by = start, "finished"
-    with Preemption() as preemption:
+    with Preemption() as preemption, contextlib.closing(bar):
         while step < train.num_steps:
-            batch = sharding.to_global(next(run.data.train_iter), program.rows)
+            host_batch = next(run.train_iter)
+            run.counter.count(host_batch)
+            batch = sharding.to_global(host_batch, program.rows)
             with program.context():
                 state, step_metrics = program.train_step(state, batch, rng)
             step += 1
+            guard.add(step, step_metrics["finite"])
             pending.append(step_metrics)
             bar.update(1)
             if step % train.log_every == 0 or step == train.num_steps:
-                _log_interval(run, bar, step, pending, time.perf_counter() - interval_start)
+                _log_interval(run, bar, step, pending, interval_start)
                 pending, interval_start = [], time.perf_counter()
             if train.eval_every and step % train.eval_every == 0 and step < train.num_steps:
                 _validate(run, state.params, step)
                 interval_start = time.perf_counter()
-            ckpt.maybe_save(step, state, run.data.train_iter, rng)
+            if run.ckpt.due(step):
+                _save(run, step, state, rng)
             preempted = preemption.should_stop(step)
             if preempted or (stop_after is not None and step >= stop_after):
                 stopped_by = "preempted" if preempted else "stopped"
                 break
-    bar.close()
-    ckpt.maybe_save(step, state, run.data.train_iter, rng, force=True)
-    ckpt.wait()
+    if not run.ckpt.has(step):
+        _save(run, step, state, rng)
+    run.ckpt.wait()
     return state, step, stopped_by
+
+
+def _save(run: _Run, step: int, state: TrainState, rng: jax.Array) -> None:
+    """Save a checkpoint, only once every step so far is known to have been finite."""
+    assert run.guard is not None
+    run.guard.check(step)  # raises NonFiniteError instead of saving a poisoned state
+    position = run.counter.position(run.train_iter)
+    meta = {"data": position.to_json(), "skipped_steps": run.guard.skipped_total}
+    run.ckpt.save(step, state, run.train_iter, rng, meta)
+    run.guard.saved(step)
 
 
 def _log_start(run: _Run, state: TrainState, start: int) -> None:
@@ -175,10 +216,14 @@ def _progress_bar(total: int, initial: int) -> Any:
 
 
 def _log_interval(
-    run: _Run, bar: Any, step: int, pending: list[dict[str, jax.Array]], elapsed: float
+    run: _Run, bar: Any, step: int, pending: list[dict[str, jax.Array]], interval_start: float
 ) -> None:
-    """Read back one interval's metrics: stop on NaN, else log, plot and show them."""
-    config = run.config
+    """Read back one interval's metrics: stop on NaN (unless skipped), else log and plot them."""
+    config, guard = run.config, run.guard
+    assert guard is not None
+    skipped = guard.check(step)  # waits for the interval's last step
+    # Timed after the read-back: with dispatch running ahead, the steps finish only now.
+    elapsed = time.perf_counter() - interval_start
     rows = run.data.rows_per_host * jax.process_count()
     values = metrics.interval_summary(
         pending,
@@ -192,7 +237,9 @@ def _log_interval(
         jax.device_count(),
         metrics.peak_tflops(jax.devices()[0].device_kind),
     )
-    _check_finite(values, step, run.workdir)
+    if config.optim.skip_nonfinite_updates:
+        values["skipped_steps"] = float(skipped)
+        values["skipped_total"] = float(guard.skipped_total)
     run.writer.scalars(step, {f"train/{k}": v for k, v in values.items()})
     bar.set_postfix(
         loss=f"{values['loss']:.3f}",
@@ -201,17 +248,6 @@ def _log_interval(
     )
     log.info("step %d: %s", step, metrics.format_values(values))
     run.final.update({f"train_{k}": v for k, v in values.items()})
-
-
-def _check_finite(values: dict[str, float], step: int, workdir: Workdir) -> None:
-    """Stop with a message naming the step when the loss stops being a number."""
-    bad = [k for k in ("loss", "nll", "grad_norm") if not math.isfinite(values.get(k, 0.0))]
-    if bad:
-        raise FloatingPointError(
-            f"step {step}: {', '.join(bad)} became NaN/inf. The last good checkpoint is kept in "
-            f"{workdir.checkpoint_dir}. Lower optim.learning_rate_scale, raise "
-            "optim.warmup_steps, or set optim.clip_norm, then resume from the same workdir."
-        )
 
 
 def _greedy(run: _Run, params: Any) -> evaluation.DecodeRows:

@@ -72,8 +72,16 @@ def interval_summary(
     num_devices: int,
     peak: float | None,
 ) -> dict[str, float]:
-    """One logging interval's step metrics (read back from the device once) and throughput."""
-    host = jax.device_get(list(pending))
+    """One logging interval's step metrics (read back from the device once) and throughput.
+
+    Non-finite (skipped) steps are left out of the loss and gradient norm; if every step of
+    the interval was skipped those read NaN.
+    """
+    steps = jax.device_get(list(pending))
+    host = [m for m in steps if bool(m.get("finite", True))]
+    if not host:
+        nan = float("nan")
+        host = [{**steps[-1], "loss_sum": nan, "nll_sum": nan, "grad_norm": nan}]
     sums = {k: float(sum(m[k] for m in host)) for k in ("loss_sum", "nll_sum", "num_tokens")}
     summary = {
         k: float(v) for k, v in loss.summarize({k: jnp.asarray(v) for k, v in sums.items()}).items()
@@ -81,13 +89,25 @@ def interval_summary(
     summary["grad_norm"] = float(np.mean([m["grad_norm"] for m in host]))
     summary["learning_rate"] = float(host[-1]["learning_rate"])
     summary["target_tokens"] = sums["num_tokens"]
-    step_time = elapsed / max(len(host), 1)
+    step_time = elapsed / max(len(steps), 1)
     summary["step_time_s"] = step_time
     summary["tokens_per_sec"] = sums["num_tokens"] / max(elapsed, 1e-9)
     summary["tflops_per_device"] = step_flops / step_time / num_devices / 1e12
     if peak:
         summary["mfu"] = summary["tflops_per_device"] / peak
+    rss = host_rss_bytes()
+    if rss is not None:
+        summary["host_rss_gb"] = rss / 1e9
     return summary
+
+
+def host_rss_bytes() -> int | None:
+    """This process's resident memory now (Linux /proc), or None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def format_values(values: dict[str, float]) -> str:

@@ -77,6 +77,7 @@ def build(config: ml_collections.ConfigDict, model_config: ModelConfig, mesh: Me
         shardings,
         label_smoothing=config.optim.label_smoothing,
         grad_accum_steps=config.optim.grad_accum_steps,
+        skip_nonfinite=config.optim.skip_nonfinite_updates,
     )
     eval_step = step.jit_eval_step(
         model, mesh, shardings.params, label_smoothing=config.optim.label_smoothing

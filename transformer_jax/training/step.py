@@ -60,6 +60,7 @@ def make_train_step(
     *,
     label_smoothing: float,
     grad_accum_steps: int = 1,
+    skip_nonfinite: bool = False,
 ) -> Callable[[TrainState, Batch, Array], tuple[TrainState, Metrics]]:
     """Build the pure train step; the global batch is split into grad_accum_steps micro-batches.
 
@@ -67,6 +68,11 @@ def make_train_step(
     are accumulated over micro-batches, so k micro-steps give exactly the update of one
     k-times-larger batch (optax.MultiSteps averages per-micro-batch means, which differs when
     token counts differ).
+
+    metrics["finite"] says, on the device, whether the loss, the gradients and the update were
+    all finite (a finite gradient can still give a NaN update: Adam with eps 0 divides 0 by 0).
+    With skip_nonfinite such a step leaves parameters and optimizer state as they were (the
+    step count still advances, so the data and dropout keys move on), as fairseq skips them.
     """
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
@@ -107,10 +113,23 @@ def make_train_step(
             (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(k)))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = (
+            jnp.isfinite(sums["loss_sum"])
+            & jnp.isfinite(grad_norm)
+            & jnp.isfinite(optax.tree.norm(updates))
+        )
+        if skip_nonfinite:
+            params, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                (params, opt_state),
+                (state.params, state.opt_state),
+            )
         metrics = {
             **sums,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+            "finite": finite,
         }
         new_state = dataclasses.replace(
             state, step=state.step + 1, params=params, opt_state=opt_state
@@ -141,6 +160,7 @@ def jit_train_step(
     *,
     label_smoothing: float,
     grad_accum_steps: int = 1,
+    skip_nonfinite: bool = False,
 ) -> Any:
     """The train step jitted once with the state's shardings, batch rows split, state donated.
 
@@ -153,6 +173,7 @@ def jit_train_step(
             schedule,
             label_smoothing=label_smoothing,
             grad_accum_steps=grad_accum_steps,
+            skip_nonfinite=skip_nonfinite,
         ),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
