@@ -126,7 +126,24 @@ def test_tunables_stop_xla_refaulting_its_temporaries() -> None:
     plain = _faults_per_call(_clean_env())
     tuned = _faults_per_call({**_clean_env(), "GLIBC_TUNABLES": TUNED})
     # 128 MiB in 4 KiB pages is 32768 faults, and plain glibc maps the block afresh on every
-    # call. Tuned, calls reuse the freed block; the heap still grows now and then (one call in
-    # five to ten here), when a block is allocated before the last one is freed.
+    # call. Tuned with huge pages (THP "madvise"), it faults in 64 pages of 2 MiB; tuned without,
+    # calls reuse the freed block (the heap still grows now and then, one call in five to ten
+    # here, when a block is allocated before the last one is freed).
     assert plain > 16_000, plain
     assert tuned < plain / 20, (plain, tuned)
+
+
+@pytest.mark.parametrize(
+    ("hugepages", "version", "expected"),
+    [
+        (True, (2, 36), cpu_malloc.HUGEPAGE_TUNABLES),
+        (True, (2, 35), cpu_malloc.HUGEPAGE_TUNABLES),
+        (True, (2, 31), cpu_malloc.HEAP_TUNABLES),  # no glibc.malloc.hugetlb before 2.35
+        (False, (2, 36), cpu_malloc.HEAP_TUNABLES),  # THP "never": the heap keeps the block
+        (True, None, cpu_malloc.HEAP_TUNABLES),
+    ],
+)
+def test_huge_pages_where_the_kernel_and_glibc_allow(
+    hugepages: bool, version: tuple[int, int] | None, expected: tuple[str, ...]
+) -> None:
+    assert cpu_malloc.tunables_for(hugepages, version) == expected
