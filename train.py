@@ -48,9 +48,13 @@ _PEER_TIMEOUT = flags.DEFINE_float(
 _USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 
 
+# XLA status codes that start the message of a failed collective or device call.
+_RUNTIME_STATUS = ("UNKNOWN:", "INTERNAL:", "UNAVAILABLE:", "DEADLINE_EXCEEDED:", "ABORTED:")
+
+
 def _from_the_runtime(e: BaseException) -> bool:
     """An error raised by XLA's runtime (a collective, a device), not by a check of ours."""
-    return isinstance(e, jax.errors.JaxRuntimeError) or type(e).__module__.startswith("jax")
+    return isinstance(e, jax.errors.JaxRuntimeError) or str(e).startswith(_RUNTIME_STATUS)
 
 
 def main(argv: list[str]) -> None:
@@ -64,6 +68,8 @@ def main(argv: list[str]) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("transformer_jax").setLevel(logging.INFO)
     watchdog = None
+    if _PEER_TIMEOUT.value <= 0:
+        raise app.UsageError(f"--peer_timeout={_PEER_TIMEOUT.value}: must be positive (seconds)")
     if _DISTRIBUTED.value:
         if not _WORKDIR.value:
             # Each host would otherwise invent its own timestamped folder.
@@ -92,7 +98,10 @@ def main(argv: list[str]) -> None:
             watchdog.verdict()
         if not isinstance(e, _USER_ERRORS) or os.environ.get("TRANSFORMER_JAX_TRACEBACK") == "1":
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {e}", file=sys.stderr)
+        print(
+            "(TRANSFORMER_JAX_TRACEBACK=1 shows where it was raised)", file=sys.stderr, flush=True
+        )
         sys.exit(1)
     log.info("Done (%s at step %d). Workdir: %s", result.stopped_by, result.step, workdir)
 

@@ -503,7 +503,7 @@ def test_a_lost_process_makes_the_others_exit_in_bounded_time(
             )
     survivor = procs[1 - victim]
     try:
-        deadline = time.monotonic() + 150
+        deadline = time.monotonic() + 240  # two processes compiling on a busy 2-core host
         while "step 3:" not in logs[victim].read_text():  # both are training by then
             alive = all(p.poll() is None for p in procs)
             assert alive and time.monotonic() < deadline, [t.read_text()[-2000:] for t in logs]
@@ -525,5 +525,9 @@ def test_a_lost_process_makes_the_others_exit_in_bounded_time(
         assert code == 3, text[-3000:]
         assert "error: process 0: process 1 of 2 has sent no heartbeat for" in text
     else:
-        # The coordinator itself is gone: jax's client ends the process at once, saying so.
-        assert "coordination service" in text, text[-3000:]
+        # The coordinator itself is gone: jax's client ends the process (seen here within
+        # seconds), or else the watchdog does when the service stays unreachable.
+        assert (
+            "JAX distributed service detected fatal errors" in text
+            or "lost the coordination service on process 0" in text
+        ), text[-3000:]

@@ -77,6 +77,7 @@ def test_nan_after_a_checkpoint_names_the_step_and_keeps_the_finite_one(
     poison.add(7)
     config = tiny_train_config(small_corpus)
     config.train.num_steps, config.train.checkpoint_every, config.train.log_every = 10, 5, 7
+    config.train.async_checkpointing = True
     with pytest.raises(NonFiniteError) as e:
         train_and_evaluate(config, tmp_path / "run")
     message = str(e.value)
@@ -92,32 +93,33 @@ def test_nan_after_a_checkpoint_names_the_step_and_keeps_the_finite_one(
 def test_skipping_leaves_the_state_unchanged_and_counts_the_steps(
     small_corpus: Path, tmp_path: Path, poison: set[int], caplog: pytest.LogCaptureFixture
 ) -> None:
-    poison.update({3, 4})
+    poison.update({4, 5, 6})
     config = tiny_train_config(small_corpus)
     config.data.test_split = ""
     config.optim.skip_nonfinite_updates = True
-    config.optim.max_nonfinite_in_a_row = 3
-    config.train.num_steps, config.train.checkpoint_every, config.train.log_every = 8, 2, 4
+    config.optim.max_nonfinite_in_a_row = 4
+    # Saves (every 3) fall between log lines (every 4): each line still counts its interval.
+    config.train.num_steps, config.train.checkpoint_every, config.train.log_every = 8, 3, 4
     config.train.max_to_keep = 5
+    config.train.async_checkpointing = True
     with caplog.at_level(logging.INFO, logger="transformer_jax"):
         result = train_and_evaluate(config, tmp_path / "run")
     assert result.stopped_by == "finished" and result.step == 8
-    assert result.final_metrics["train_skipped_total"] == 2
-    assert "skipped_steps=2" in caplog.text and np.isfinite(result.final_metrics["train_loss"])
-    # Steps 3 and 4 changed nothing: the parameters saved after step 4 are those of step 2.
-    assert Workdir(tmp_path / "run").steps() == [2, 4, 6, 8]
-    for a, b in zip(
-        checkpoint_params(tmp_path / "run", 2), checkpoint_params(tmp_path / "run", 4), strict=True
-    ):
+    assert result.final_metrics["train_skipped_total"] == 3
+    lines = [line for line in caplog.text.splitlines() if "skipped_steps=" in line]
+    assert ["step 4:" in lines[0], "step 8:" in lines[1]] == [True, True], lines
+    assert "skipped_steps=1," in lines[0] and "skipped_steps=2," in lines[1], lines
+    assert np.isfinite(result.final_metrics["train_loss"])
+    # Steps 4 to 6 changed nothing: the parameters saved after step 6 are those of step 3.
+    assert Workdir(tmp_path / "run").steps() == [3, 6, 8]
+    saved = {step: checkpoint_params(tmp_path / "run", step) for step in (3, 6, 8)}
+    for a, b in zip(saved[3], saved[6], strict=True):
         np.testing.assert_array_equal(a, b)
-    assert not all(
-        np.array_equal(a, b)
-        for a, b in zip(
-            checkpoint_params(tmp_path / "run", 4),
-            checkpoint_params(tmp_path / "run", 6),
-            strict=True,
-        )
-    )
+    assert not all(np.array_equal(a, b) for a, b in zip(saved[6], saved[8], strict=True))
+    # The count survives a resume (it is part of the checkpoint).
+    config.train.num_steps = 9
+    resumed = train_and_evaluate(config, tmp_path / "run")
+    assert resumed.final_metrics["train_skipped_total"] == 3
 
 
 def test_too_many_skipped_steps_in_a_row_halt_the_run(
@@ -135,6 +137,44 @@ def test_too_many_skipped_steps_in_a_row_halt_the_run(
     assert "first non-finite step of this run was 3" in message
     assert "newest finite checkpoint is step 4" in message
     assert Workdir(tmp_path / "run").steps() == [2, 4]
+
+
+def test_a_stop_never_saves_a_poisoned_state(
+    small_corpus: Path, tmp_path: Path, poison: set[int]
+) -> None:
+    # The save on the way out (SIGTERM and stop_after take the same path) checks first too.
+    poison.add(2)
+    config = tiny_train_config(small_corpus)
+    config.train.num_steps, config.train.checkpoint_every, config.train.log_every = 10, 0, 100
+    with pytest.raises(NonFiniteError, match=r"^step 2: .*no finite checkpoint exists yet"):
+        train_and_evaluate(config, tmp_path / "run", stop_after=3)
+    assert Workdir(tmp_path / "run").steps() == []
+
+
+def test_stream_position_says_where_to_continue_and_what_it_costs() -> None:
+    from transformer_jax.training.inputs import StreamPosition
+
+    # 2 processes from example 10: p0 read 10, 12, ..., 18 (5), p1 read 11, 13, 15 (3); p1 is
+    # behind, so the stream continues at 17: p0's 18 is read again, and 1 + 2 kept examples
+    # were waiting in rows not trained on yet.
+    position = StreamPosition(start=10, read=[5, 3], kept=[5, 3], emitted=[4, 1])
+    assert position.resume_point() == (17, 1, 3)
+    # One process that read nothing holds the point at its first example.
+    assert StreamPosition(0, [0, 4], [0, 4], [0, 2]).resume_point() == (0, 4, 2)
+    assert StreamPosition(7, [3], [3], [3]).resume_point() == (10, 0, 0)
+
+
+def test_an_older_config_gets_the_fields_added_since(small_corpus: Path) -> None:
+    from transformer_jax import experiment
+
+    config = tiny_train_config(small_corpus)
+    for dotted in experiment.LATER_FIELDS:
+        section, _, name = dotted.rpartition(".")
+        del config[section][name]
+    config.lock()  # as config_flags hands it over
+    experiment.validate(config)
+    assert config.optim.skip_nonfinite_updates is False
+    assert config.optim.max_nonfinite_in_a_row == 10 and config.data.reshard_on_resume is False
 
 
 def _damage(checkpoint: Path) -> None:
@@ -193,6 +233,35 @@ def test_training_resumes_from_the_newest_readable_checkpoint(
     assert (damaged_copy / DAMAGED_CHECKPOINTS / "30" / "state").is_dir()
     assert Workdir(damaged_copy).steps() == [10, 20, 30, 40]
     assert all(np.isfinite(x).all() for x in checkpoint_params(damaged_copy, 30))
+
+
+def test_a_checkpoint_holding_nan_is_skipped_like_a_damaged_one(
+    trained_workdir: Path, small_corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As a run of an older version could leave one: a whole checkpoint of NaN parameters.
+    from transformer_jax import experiment, sharding
+    from transformer_jax.training.program import build
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_workdir, copy)
+    config = tiny_train_config(small_corpus)
+    config.train.num_steps, config.train.checkpoint_every = 40, 10
+    config.train.max_to_keep, config.train.log_every = 5, 10
+    config.data.test_split = ""
+    mesh = sharding.make_mesh(dict(config.mesh.shape))
+    program = build(config, experiment.validate(config, jax.devices()), mesh)
+    ckpt = Workdir(copy).checkpoints(save_every=0, max_to_keep=10, async_save=False)
+    state = ckpt.restore_state(30, program.abstract_state).state
+    ckpt.save(40, state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params)), None)
+    ckpt.close()
+    with caplog.at_level(logging.WARNING, logger="transformer_jax"):
+        assert load(copy).step == 30
+    assert "checkpoints/40: cannot be read" in caplog.text and "hold NaN/inf" in caplog.text
+    config.train.num_steps = 50
+    result = train_and_evaluate(config, copy)
+    assert result.step == 50 and (copy / DAMAGED_CHECKPOINTS / "40").is_dir()
+    assert Workdir(copy).steps() == [10, 20, 30, 40, 50]
+    assert all(np.isfinite(x).all() for x in checkpoint_params(copy, 40))
 
 
 def test_average_skips_an_unreadable_checkpoint(damaged_copy: Path, tmp_path: Path) -> None:

@@ -362,7 +362,7 @@ def test_default_style_run_evaluates_and_writes_results(small_corpus: Path, tmp_
     assert 0.0 <= result.final_metrics["test_bleu"] <= 100.0
     assert list((workdir / "tensorboard").iterdir())
     if Path("/proc/self/statm").exists():  # host memory is part of every log line
-        assert 0.05 < result.final_metrics["train_host_rss_gb"] < 100
+        assert 0.2 < result.final_metrics["train_host_rss_gb"] < 4  # a 2-layer, 32-wide model
 
 
 SIGTERM_CONFIG = """

@@ -12,6 +12,7 @@ little later, stays as the backstop.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import sys
@@ -25,6 +26,8 @@ import jax
 log = logging.getLogger(__name__)
 
 HEARTBEAT_PREFIX = "transformer_jax/heartbeat"
+# The heartbeat a process leaves when it stops watching: done, not lost.
+DONE = "done"
 # Exit status of a process that gave up on a lost peer (distinct from a crash's 1).
 LOST_PEER_EXIT = 3
 # jax's coordination service aborts a process this much later than our watchdog would.
@@ -80,8 +83,13 @@ class PeerWatchdog:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop watching (at exit, or when the job is done)."""
+        """Stop watching and tell the others this process is done, not lost (at exit)."""
         self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=self.interval_s + 5)  # its last beat lands before DONE
+        # The service may be gone already; the others then exit anyway.
+        with contextlib.suppress(Exception):
+            self.client.key_value_set(self._key(self.process), DONE, allow_overwrite=True)
 
     def verdict(self) -> None:
         """After a failed collective: give the watchdog time to see whether a peer is lost.
@@ -122,6 +130,8 @@ class PeerWatchdog:
                 continue
             for peer, (value, since) in seen.items():
                 current = values.get(self._key(peer))
+                if current == DONE:
+                    continue  # it finished its part (its exit is jax's shutdown barrier)
                 if current != value:
                     seen[peer] = (current, now)
                 elif now - since > self.timeout_s:

@@ -26,6 +26,25 @@ def model_section(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(ModelConfig.preset(preset, **overrides).to_dict())
 
 
+# Fields added after configs were first written: a config file or a workdir's config.json
+# without them gets these values (their meaning when the field did not exist).
+LATER_FIELDS: dict[str, Any] = {
+    "optim.skip_nonfinite_updates": False,
+    "optim.max_nonfinite_in_a_row": 10,
+    "data.reshard_on_resume": False,
+}
+
+
+def fill_later_fields(config: ml_collections.ConfigDict) -> None:
+    """Add the LATER_FIELDS a config lacks, in place (older config files and workdirs)."""
+    for dotted, value in LATER_FIELDS.items():
+        section_name, _, name = dotted.rpartition(".")
+        section = _lookup(config, section_name)
+        if name not in section:
+            with section.unlocked():
+                section[name] = value
+
+
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """ModelConfig(**config.model), naming the config section on errors."""
     try:
@@ -42,6 +61,7 @@ def validate(
     devices: the devices the run will use (a topology's for AOT); the mesh and batch checks
     need them. None skips those (evaluate and translate read a config trained elsewhere).
     """
+    fill_later_fields(config)
     model = model_config(config)
     checks = [
         (config.train.num_steps >= 1, "train.num_steps", "must be >= 1"),

@@ -247,12 +247,15 @@ class Workdir:
             item = ocp.args.PyTreeRestore(
                 item=target, restore_args=restore_args, partial_restore=True
             )
-            params = manager.restore(s, args=ocp.args.Composite(state=item))["state"]["params"]
-            require_finite(params, "parameters")
-            return params
+            return manager.restore(s, args=ocp.args.Composite(state=item))["state"]["params"]
 
         try:
-            found, params = newest_readable(self.checkpoint_dir, candidates, read)
+            found, params = newest_readable(
+                self.checkpoint_dir,
+                candidates,
+                read,
+                check=lambda params: require_finite(params, "its parameters"),
+            )
         finally:
             manager.close()
         return params, found
@@ -344,13 +347,12 @@ class Checkpoints:
         return set(self.manager.item_metadata(step).keys())
 
     def restore_state(self, step: int, abstract_state: Any) -> Restored:
-        """One step's state in the shardings of abstract_state, checked finite, and its meta."""
+        """One step's state in the shardings of abstract_state, and its meta record."""
         items = self.items(step)
         meta = self.meta(step, items)
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )
-        require_finite(restored["state"], "training state")
         rng = None
         if "key_data" in meta:
             key_data = np.asarray(meta["key_data"], np.uint32)
@@ -366,17 +368,13 @@ class Checkpoints:
         steps = self.steps()
         if not steps:
             return None
-        failed: list[int] = []
-
-        def read(step: int) -> Restored:
-            try:
-                return self.restore_state(step, abstract_state)
-            except Exception:
-                failed.append(step)
-                raise
-
-        _, restored = newest_readable(self.directory, steps[::-1], read)
-        self._set_aside(failed)
+        found, restored = newest_readable(
+            self.directory,
+            steps[::-1],
+            lambda step: self.restore_state(step, abstract_state),
+            check=lambda r: require_finite(r.state, "its training state"),
+        )
+        self.set_aside([s for s in steps if s > found])
         return restored
 
     def restore_iterator(self, step: int, iterator: Any) -> None:
@@ -396,7 +394,8 @@ class Checkpoints:
         )
         return dict(restored[name])
 
-    def _set_aside(self, steps: list[int]) -> None:
+    def set_aside(self, steps: list[int]) -> None:
+        """Move these steps' folders to <workdir>/damaged_checkpoints/ (all processes call it)."""
         if not steps:
             return
         aside = self.directory.parent / DAMAGED_CHECKPOINTS
@@ -446,7 +445,7 @@ def require_finite(tree: Any, what: str) -> None:
     """Raise ValueError if any floating-point leaf of tree holds NaN or inf."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
     if leaves and not bool(_all_finite(leaves)):
-        raise ValueError(f"its {what} hold NaN/inf values")
+        raise ValueError(f"{what} hold NaN/inf values")
 
 
 @jax.jit
@@ -458,15 +457,32 @@ T = TypeVar("T")
 
 
 def newest_readable(
-    directory: epath.Path, steps: Sequence[int], read: Callable[[int], T]
+    directory: epath.Path,
+    steps: Sequence[int],
+    read: Callable[[int], T],
+    check: Callable[[T], None] | None = None,
 ) -> tuple[int, T]:
-    """read() the first step that works, newest first, warning about each one that does not."""
+    """read() the first step that works, newest first, warning about each one that does not.
+
+    check(result) runs once every process has read the step (it may be a collective).
+    """
     reasons = []
     for step in steps:
+        error: BaseException | None = None
         try:
             result = read(step)
-        except Exception as e:  # orbax, tensorstore and json raise many types for one cause
-            reason = _first_line(e)
+        except DAMAGE_ERRORS as e:  # orbax, tensorstore and json raise these for bad files
+            error = e
+        # On several processes each reads only its own shards, so one may fail alone: all
+        # agree to treat the step as unreadable, or they would resume from different steps.
+        failed = _any_process(error is not None)
+        if not failed and check is not None:
+            try:
+                check(result)
+            except DAMAGE_ERRORS as e:  # the check's answer is the same on every process
+                error, failed = e, True
+        if failed:
+            reason = _first_line(error) if error else "unreadable on another process"
             reasons.append(f"step {step}: {reason}")
             if len(steps) > 1:
                 log.warning(
@@ -484,8 +500,23 @@ def newest_readable(
         )
     raise UnreadableCheckpointError(
         f"{directory}: no readable checkpoint ({'; '.join(reasons)}). Copy intact checkpoints "
-        "back, or move the folder away to start afresh."
+        f"back, check that {Workdir.MODEL_CONFIG} is the one they were trained with, or move the "
+        "folder away to start afresh."
     )
+
+
+# What a damaged, truncated, partly copied or foreign checkpoint raises when read: JSON errors
+# (ValueError), tensorstore's DATA_LOSS / NOT_FOUND (ValueError), a missing item (KeyError,
+# FileNotFoundError), our NaN check (ValueError). Anything else (an OSError of the storage, out
+# of memory, a bug) is raised as it is: falling back to an older step would hide it.
+DAMAGE_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError)
+
+
+def _any_process(flag: bool) -> bool:
+    """Whether flag is true on any process (every process must call this together)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def _first_line(e: BaseException) -> str:

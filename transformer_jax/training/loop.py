@@ -17,13 +17,14 @@ from etils import epath
 from tqdm import tqdm
 
 from transformer_jax import evaluation, experiment, sharding
+from transformer_jax.data import pipeline
 from transformer_jax.inference.engine import DecodeSettings, JaxEngine
 from transformer_jax.state import TrainState
 from transformer_jax.training import inputs, loss, metrics
-from transformer_jax.training.guard import FiniteGuard
+from transformer_jax.training.guard import FiniteGuard, NonFiniteError
 from transformer_jax.training.preemption import Preemption
 from transformer_jax.training.program import Program, build
-from transformer_jax.workdir import Checkpoints, Workdir
+from transformer_jax.workdir import Checkpoints, Restored, Workdir, require_finite
 
 log = logging.getLogger(__name__)
 
@@ -108,32 +109,52 @@ def restore_or_init(run: _Run) -> tuple[TrainState, jax.Array]:
     Sets up run.train_iter, run.counter and run.guard to match.
     """
     program, config = run.program, run.config
-    resumed = run.ckpt.restore_newest(program.abstract_state)
-    start, exact = inputs.resume_start(config, resumed.meta if resumed else None)
-    run.train_iter = run.data.train_iterator(start)
-    run.counter = inputs.StreamCounter(start)
+    while True:
+        resumed = run.ckpt.restore_newest(program.abstract_state)
+        start, exact = inputs.resume_start(config, resumed.meta if resumed else None)
+        run.train_iter = run.data.train_iterator(start)
+        run.counter = inputs.StreamCounter(start)
+        if resumed is None or not exact or _restore_stream(run, resumed):
+            break
+        # Its data iterator state is damaged: that checkpoint cannot resume exactly either.
+        run.ckpt.set_aside([resumed.step])
     run.guard = FiniteGuard(
         skip=config.optim.skip_nonfinite_updates,
         max_in_a_row=config.optim.max_nonfinite_in_a_row,
         checkpoint_dir=run.ckpt.directory,
         last_finite_save=resumed.step if resumed else None,
+        skipped_total=resumed.meta.get("skipped_steps", 0) if resumed else 0,
     )
     if resumed is None:
         return program.init_state(), jax.random.key(program.seed)
     log.info("Restored step %d from %s", resumed.step, run.ckpt.directory)
-    position = resumed.meta.get("data")
-    if exact and resumed.has_data:
-        run.ckpt.restore_iterator(resumed.step, run.train_iter)
-        if position:
-            run.counter.emitted = position["emitted"][jax.process_index()]
-    elif exact:
-        log.warning(
-            "%s: holds no data iterator state; the training state is restored but the data "
-            "stream starts from its beginning.",
-            run.ckpt.directory / str(resumed.step),
-        )
     rng = jax.random.key(program.seed) if resumed.rng is None else resumed.rng
     return resumed.state, rng
+
+
+def _restore_stream(run: _Run, resumed: Restored) -> bool:
+    """Put the pipeline where the checkpoint left it; False if its data item cannot be read."""
+    where = run.ckpt.directory / str(resumed.step) / "data"
+    if not resumed.has_data:
+        log.warning(
+            "%s: missing; the training state is restored but the data stream starts from its "
+            "beginning.",
+            where,
+        )
+        return True
+    try:
+        run.ckpt.restore_iterator(resumed.step, run.train_iter)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        log.warning("%s: cannot be read (%s); trying the checkpoint before it.", where, e)
+        return False
+    position = resumed.meta.get("data")
+    # Older checkpoints did not count the examples trained on; the kept ones are close.
+    run.counter.emitted = (
+        position["emitted"][jax.process_index()]
+        if position
+        else pipeline.filter_counts(run.train_iter)["kept"]
+    )
+    return True
 
 
 def _train(
@@ -164,6 +185,7 @@ def _train(
                 _log_interval(run, bar, step, pending, interval_start)
                 pending, interval_start = [], time.perf_counter()
             if train.eval_every and step % train.eval_every == 0 and step < train.num_steps:
+                guard.check(step)  # never spend an evaluation on a poisoned state
                 _validate(run, state.params, step)
                 interval_start = time.perf_counter()
             if run.ckpt.due(step):
@@ -182,6 +204,11 @@ def _save(run: _Run, step: int, state: TrainState, rng: jax.Array) -> None:
     """Save a checkpoint, only once every step so far is known to have been finite."""
     assert run.guard is not None
     run.guard.check(step)  # raises NonFiniteError instead of saving a poisoned state
+    # The flags cover loss, gradients and update; this covers the sum params + update too.
+    try:
+        require_finite(state, "its parameters or optimizer state")
+    except ValueError as e:
+        raise NonFiniteError(f"step {step}: {e}; it is not saved.") from e
     position = run.counter.position(run.train_iter)
     meta = {"data": position.to_json(), "skipped_steps": run.guard.skipped_total}
     run.ckpt.save(step, state, run.train_iter, rng, meta)
@@ -221,7 +248,7 @@ def _log_interval(
     """Read back one interval's metrics: stop on NaN (unless skipped), else log and plot them."""
     config, guard = run.config, run.guard
     assert guard is not None
-    skipped = guard.check(step)  # waits for the interval's last step
+    guard.check(step)  # waits for the interval's last step
     # Timed after the read-back: with dispatch running ahead, the steps finish only now.
     elapsed = time.perf_counter() - interval_start
     rows = run.data.rows_per_host * jax.process_count()
@@ -238,8 +265,9 @@ def _log_interval(
         metrics.peak_tflops(jax.devices()[0].device_kind),
     )
     if config.optim.skip_nonfinite_updates:
-        values["skipped_steps"] = float(skipped)
         values["skipped_total"] = float(guard.skipped_total)
+    else:
+        values.pop("skipped_steps", None)
     run.writer.scalars(step, {f"train/{k}": v for k, v in values.items()})
     bar.set_postfix(
         loss=f"{values['loss']:.3f}",

@@ -79,6 +79,7 @@ def interval_summary(
     """
     steps = jax.device_get(list(pending))
     host = [m for m in steps if bool(m.get("finite", True))]
+    skipped = len(steps) - len(host)
     if not host:
         nan = float("nan")
         host = [{**steps[-1], "loss_sum": nan, "nll_sum": nan, "grad_norm": nan}]
@@ -89,6 +90,7 @@ def interval_summary(
     summary["grad_norm"] = float(np.mean([m["grad_norm"] for m in host]))
     summary["learning_rate"] = float(host[-1]["learning_rate"])
     summary["target_tokens"] = sums["num_tokens"]
+    summary["skipped_steps"] = float(skipped)
     step_time = elapsed / max(len(steps), 1)
     summary["step_time_s"] = step_time
     summary["tokens_per_sec"] = sums["num_tokens"] / max(elapsed, 1e-9)
