@@ -4,11 +4,11 @@
 
 Random parameters. The output length is forced so every length is measured exactly: EOS is
 blocked (min_length) and each sentence's cap, source length + extra_length, is set to L.
-max_length (the output buffer and the self-attention cache) stays at the largest L for every
-row of the table, so each step does the same work and only the number of steps changes; a
-second table shows what the buffer size itself costs at L = 16. Each figure is the best of
---repeats runs after one compiling run; one jit per decoder and buffer size (extra_length and
-min_length are traced arguments).
+max_length (the output buffer) stays at the largest L for every row of the table; the
+self-attention cache grows with the decoded tokens (inference/decode.py), so a second table,
+at L = 16 with several buffer sizes, shows what a loose max_length still costs. Each figure is
+the best of --repeats runs after one compiling run; one jit per decoder and buffer size
+(extra_length and min_length are traced arguments).
 """
 
 from __future__ import annotations

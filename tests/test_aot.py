@@ -179,3 +179,16 @@ def test_aot_refuses_what_train_refuses(
     # The same experiment.validate as train.py, before anything is traced or compiled.
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         aot.compile_train_step(config, aot.local_topology(), jax.local_devices())
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_beam_search_compiles_for_v5e_4() -> None:
+    from configs import default
+
+    report = aot.run_decode(default.get_config(), "v5e-4")
+    assert report.num_chips == 4 and report.mesh == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert (report.sentences, report.src_len, report.beam_size) == (128, 64, 4)
+    assert report.max_length == 96  # config.decode.max_length caps 64 + 50
+    assert 0 < report.temp_gib < report.peak_gib < report.capacity_gib == 16.0 and report.fits
+    assert "beam search" in aot.format_decode_report(report)

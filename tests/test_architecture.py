@@ -15,8 +15,8 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "transformer_jax"
 SHARED = {"sharding", "state", "workdir", "experiment", "evaluation"}
-LIBRARY = {"config", "model", "data", *SHARED, "inference", "training"}
-COMMANDS = {"aot", "evaluate", "translate", "average"}
+LIBRARY = {"config", "model", "data", *SHARED, "inference", "training", "interop"}
+COMMANDS = {"aot", "evaluate", "translate", "average", "export"}
 # What each unit may import (docs/architecture.md, "may import"); a unit always may import
 # itself. Commands may import any library unit and the shared flags in `cli`.
 ALLOWED: dict[str, set[str]] = {
@@ -28,8 +28,19 @@ ALLOWED: dict[str, set[str]] = {
     "state": {"config", "model", "sharding"},
     "workdir": {"config", "data"},
     "experiment": {"config", "data", "sharding"},
-    "evaluation": {"data", "sharding"},
-    "inference": {"config", "model", "data", "sharding", "state", "workdir", "evaluation"},
+    "evaluation": {"config", "data", "sharding"},
+    "inference": {
+        "config",
+        "model",
+        "data",
+        "sharding",
+        "state",
+        "workdir",
+        "evaluation",
+        "interop",
+    },
+    # Other tools' model formats: built from our config, parameters and tokenizer.
+    "interop": {"config", "model", "data", "sharding", "state", "workdir"},
     "training": {"config", "model", "data", *SHARED, "inference"},
     "cli": {"inference"},
     "cpu_malloc": set(),

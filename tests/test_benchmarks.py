@@ -54,3 +54,17 @@ def test_memory_benchmark_measures_this_machines_devices() -> None:
         temps.append(float(cells[4]))
     # Same tokens per step in longer rows: attention scores grow with length, so temporaries do.
     assert 0 < temps[0] < temps[1], temps
+
+
+@pytest.mark.slow
+def test_serve_speed_compares_the_engines_on_one_table() -> None:
+    pytest.importorskip("ctranslate2")
+    out = run_benchmark("serve_speed.py", "--model", "tiny", "--lengths", "4", "8", "--rounds", "1")
+    rows = [line for line in out.stdout.splitlines() if line.startswith(("| greedy", "| beam"))]
+    assert len(rows) == 4, out.stdout
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        ours, fp32, int8 = (float(c.replace(",", "")) for c in cells[2:5])
+        assert min(ours, fp32, int8) > 0
+        assert float(cells[5]) == pytest.approx(ours / fp32, rel=0.02, abs=0.01), cells
+    assert out.stdout.count("cost per token at L=8 vs L=4") == 2

@@ -347,3 +347,32 @@ def test_decoders_with_scanned_layers_match_the_layer_loop(setup: tuple) -> None
     np.testing.assert_array_equal(out, out_scanned)
     np.testing.assert_allclose(score, score_scanned, atol=1e-5)
     np.testing.assert_array_equal(jit_greedy(model)(params, src), jit_greedy(scanned)(stacked, src))
+
+
+def test_a_growing_cache_decodes_as_one_full_buffer(
+    setup: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformer_jax.inference import decode
+
+    model, params, src = setup
+    options = {"max_length": MAX_LENGTH, "extra_length": EXTRA_LENGTH}
+    decoders = {
+        "greedy": lambda: greedy_decode(model, params, src, return_scores=True, **options),
+        "beam": lambda: beam_search(model, params, src, num_hypotheses=3, **options),
+        "sample": lambda: sample_decode(model, params, src, jax.random.key(4), **options),
+    }
+    results = {}
+    for first in (4, 1000):  # caches of 4 -> 8 -> 24 slots, or 24 from the start
+        monkeypatch.setattr(decode, "FIRST_CAPACITY", first)
+        assert len(decode.cache_capacities(MAX_LENGTH)) == (3 if first == 4 else 1)
+        results[first] = {name: jax.jit(fn)() for name, fn in decoders.items()}
+    for name in decoders:
+        for grown, whole in zip(
+            jax.tree.leaves(results[4][name]), jax.tree.leaves(results[1000][name]), strict=True
+        ):
+            if np.asarray(grown).dtype == np.int32:
+                np.testing.assert_array_equal(grown, whole, err_msg=name)
+            else:
+                np.testing.assert_allclose(grown, whole, rtol=1e-5, err_msg=name)
+    # Some sentence of the fixture outlives the first two capacities.
+    assert output_lengths(np.asarray(results[4]["greedy"][0])).max() > 8

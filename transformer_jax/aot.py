@@ -373,13 +373,138 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
+@dataclasses.dataclass
+class DecodeReport:
+    """What one AOT compile of beam search says (memory per chip)."""
+
+    config: str
+    topology: str
+    num_chips: int
+    mesh: dict[str, int]
+    sentences: int  # the global batch
+    src_len: int
+    max_length: int
+    beam_size: int
+    num_params: int
+    argument_gib: float
+    output_gib: float
+    temp_gib: float
+    peak_gib: float
+    capacity_gib: float
+    compile_s: float
+
+    @property
+    def fits(self) -> bool:
+        """Whether XLA's peak estimate stays within HBM."""
+        return self.peak_gib <= self.capacity_gib
+
+
+def compile_beam_search(
+    config: ml_collections.ConfigDict,
+    topology: Topology,
+    devices: list[Any],
+    *,
+    beam_size: int = 4,
+    alpha: float = 0.6,
+) -> tuple[Any, DecodeReport]:
+    """Lower and compile the translator's beam search for the topology (the same decoder).
+
+    The batch is config.data.eval_batch_size rows per host of config.data.max_source_length
+    tokens, decoding up to config.decode.max_length tokens; the parameters are sharded as load()
+    shards them on that mesh.
+    """
+    from transformer_jax.inference.engine import DecodeSettings, JaxEngine
+    from transformer_jax.state import abstract_train_state
+
+    model_config = experiment.validate(config, devices)
+    mesh = topology_mesh(config, devices)
+    rules = sharding.rules_from_config(config.mesh.logical_axis_rules)
+    num_hosts = len({d.process_index for d in devices})
+    rows = config.data.eval_batch_size * num_hosts
+    src_len = config.data.max_source_length
+    settings = DecodeSettings(
+        beam_size=beam_size,
+        alpha=alpha,
+        extra_length=config.decode.extra_length,
+        max_length=config.decode.max_length,
+    )
+    params = abstract_train_state(model_config, mesh, rules).params
+    engine = JaxEngine(model_config, mesh, rules)
+    src = jax.ShapeDtypeStruct((rows, src_len), jnp.int32, sharding=sharding.batch_sharding(mesh))
+    rng = jax.ShapeDtypeStruct(
+        (), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=sharding.replicated(mesh)
+    )
+    fn = engine.compiled(settings, src_len)
+    with sharding.context(mesh, rules):
+        start = time.perf_counter()
+        try:
+            compiled = fn.lower(params, src, rng).compile()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower():
+                raise DoesNotFitError(
+                    f"does not fit: beam search does not fit {topology.chip.hbm_gib:g} GiB of "
+                    f"HBM per chip on {topology.name}; lower config.data.eval_batch_size or "
+                    f"config.decode.max_length\nXLA: {_first_line(e)}"
+                ) from e
+            raise
+        compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    arg, out = memory.argument_size_in_bytes, memory.output_size_in_bytes
+    temp, code = memory.temp_size_in_bytes, memory.generated_code_size_in_bytes
+    report = DecodeReport(
+        config=str(config.get("name", "")) or "",
+        topology=topology.name,
+        num_chips=topology.num_chips,
+        mesh={k: int(v) for k, v in mesh.shape.items()},
+        sentences=rows,
+        src_len=src_len,
+        max_length=settings.output_length(src_len, model_config.max_len),
+        beam_size=beam_size,
+        num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
+        argument_gib=arg / GIB,
+        output_gib=out / GIB,
+        temp_gib=temp / GIB,
+        peak_gib=(arg + out - memory.alias_size_in_bytes + temp + code) / GIB,
+        capacity_gib=topology.chip.hbm_gib,
+        compile_s=compile_s,
+    )
+    return compiled, report
+
+
+def format_decode_report(report: DecodeReport) -> str:
+    """The human-readable summary of a decode compile."""
+    r = report
+    return "\n".join(
+        [
+            f"topology      {r.topology}: {r.num_chips} chips, mesh {r.mesh}",
+            f"beam search   {r.sentences} sentences x {r.src_len} source tokens, beam "
+            f"{r.beam_size}, up to {r.max_length} output tokens; {r.num_params:,} parameters",
+            f"HBM per chip  {r.peak_gib:.2f} GiB of {r.capacity_gib:g} GiB "
+            f"({100 * r.peak_gib / r.capacity_gib:.0f}%): arguments {r.argument_gib:.2f} + "
+            f"outputs {r.output_gib:.3f} + temporaries {r.temp_gib:.2f}",
+            f"compiled in   {r.compile_s:.1f} s",
+            "fits" if r.fits else "DOES NOT FIT",
+        ]
+    )
+
+
+def _devices_for(topology_name: str) -> tuple[Topology, list[Any]]:
+    if topology_name == "local":
+        return local_topology(), jax.local_devices()
+    topology = parse_topology(topology_name)
+    return topology, topology_devices(topology)
+
+
+def run_decode(config: ml_collections.ConfigDict, topology_name: str) -> DecodeReport:
+    """Compile beam search of `config` for `topology_name` and return the report."""
+    topology, devices = _devices_for(topology_name)
+    _, report = compile_beam_search(config, topology, devices)
+    return report
+
+
 def run(config: ml_collections.ConfigDict, topology_name: str) -> Report:
     """Compile the train step of `config` for `topology_name` and return the report."""
-    if topology_name == "local":
-        topology, devices = local_topology(), jax.local_devices()
-    else:
-        topology = parse_topology(topology_name)
-        devices = topology_devices(topology)
+    topology, devices = _devices_for(topology_name)
     _, report = compile_train_step(config, topology, devices)
     return report
 
@@ -401,6 +526,13 @@ def main() -> None:
         "machine's own devices (e.g. a GPU).",
     )
     json_flag = flags.DEFINE_bool("json", False, "Print the report as one JSON object.")
+    mode_flag = flags.DEFINE_enum(
+        "mode",
+        "train",
+        ["train", "decode"],
+        "train: the train step; decode: beam search (beam 4, config.data.eval_batch_size "
+        "sentences per host, config.decode.max_length output tokens).",
+    )
     flags.mark_flag_as_required("topology")
 
     def _main(argv: list[str]) -> None:
@@ -413,9 +545,20 @@ def main() -> None:
         if topology_flag.value != "local" and "JAX_PLATFORMS" not in os.environ:
             jax.config.update("jax_platforms", "cpu")
         try:
-            report = run(config_flag.value, str(topology_flag.value))
             # Name the report after the file the user passed (configs carry no name field).
             config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+            if mode_flag.value == "decode":
+                decoded = run_decode(config_flag.value, str(topology_flag.value))
+                decoded = dataclasses.replace(decoded, config=decoded.config or config_file)
+                text = format_decode_report(decoded)
+                print(json.dumps(dataclasses.asdict(decoded)) if json_flag.value else text)
+                if not decoded.fits:
+                    raise DoesNotFitError(
+                        f"does not fit: beam search needs {decoded.peak_gib:.2f} GiB per chip, "
+                        f"has {decoded.capacity_gib:g} GiB on {decoded.topology}"
+                    )
+                return
+            report = run(config_flag.value, str(topology_flag.value))
             report = dataclasses.replace(report, config=report.config or config_file)
             print(
                 json.dumps(dataclasses.asdict(report)) if json_flag.value else format_report(report)

@@ -20,8 +20,23 @@ def quiet_libraries() -> None:
 
 def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     """--workdir, --step and the decoding settings (paper defaults: beam 4, alpha 0.6, +50)."""
-    parser.add_argument("--workdir", required=True, help="a workdir written by train.py")
+    parser.add_argument(
+        "--workdir",
+        required=True,
+        help="a workdir written by train.py (with --engine ctranslate2: the exported folder)",
+    )
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    parser.add_argument(
+        "--engine",
+        choices=["jax", "ctranslate2"],
+        default="jax",
+        help="ctranslate2: a model written by python -m transformer_jax.export",
+    )
+    parser.add_argument(
+        "--compute_type",
+        default="default",
+        help="with --engine ctranslate2: CTranslate2's compute type (default, int8, float32...)",
+    )
     parser.add_argument("--method", choices=["beam", "greedy", "sample"], default="beam")
     parser.add_argument("--beam_size", type=int, default=4, help="paper: 4")
     parser.add_argument("--alpha", type=float, default=0.6, help="length penalty; paper: 0.6")
@@ -36,6 +51,18 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="with --method=sample")
     parser.add_argument("--top_k", type=int, default=0, help="with --method=sample; 0 = all")
     parser.add_argument("--seed", type=int, default=0, help="with --method=sample")
+
+
+def load_translator(args: argparse.Namespace) -> Any:
+    """transformer_jax.load for --workdir/--step/--engine; one error line if it cannot."""
+    from transformer_jax.inference.translator import load
+
+    if args.engine == "ctranslate2" and args.step is not None:
+        raise SystemExit("error: --step: an exported CTranslate2 model holds one step already")
+    try:
+        return load(args.workdir, args.step, engine=args.engine, compute_type=args.compute_type)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from e
 
 
 def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:

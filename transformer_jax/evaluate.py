@@ -12,19 +12,41 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from transformer_jax.cli import add_decoding_flags, decoding_kwargs, quiet_libraries
+from transformer_jax.cli import (
+    add_decoding_flags,
+    decoding_kwargs,
+    load_translator,
+    quiet_libraries,
+)
 
 
-def workdir_pairs(workdir: str, split: str) -> list[tuple[str, str]]:
-    """The split from the data source recorded in the workdir's config.json (checked first)."""
+def workdir_pairs(workdir: str, split: str, engine: str = "jax") -> list[tuple[str, str]]:
+    """The split from the data source the workdir (or export) records (checked first)."""
+    import ml_collections
+
     from transformer_jax import experiment
+    from transformer_jax.interop.ctranslate2 import EXPORT_META
     from transformer_jax.workdir import Workdir
 
-    config = Workdir(workdir).experiment_config_or_raise(
-        "the workdir's data source is unknown; pass --source and --reference files instead"
-    )
+    why = "the workdir's data source is unknown; pass --source and --reference files instead"
+    if engine == "ctranslate2":
+        recorded = json.loads((Path(workdir) / EXPORT_META).read_text()).get("experiment_config")
+        if recorded is None:
+            raise FileNotFoundError(
+                f"{Path(workdir) / EXPORT_META}: no experiment config, so {why}"
+            )
+        config = ml_collections.ConfigDict(recorded)
+    else:
+        config = Workdir(workdir).experiment_config_or_raise(why)
     experiment.validate(config)
     return list(experiment.load_split(config, split))
+
+
+def _hypotheses_path(workdir: str, name: str, step: int, engine: str) -> str:
+    from transformer_jax.workdir import Workdir
+
+    path = Workdir(workdir).hypotheses_path(name if engine == "jax" else f"{name}.{engine}", step)
+    return str(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,8 +69,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from transformer_jax import evaluation
     from transformer_jax.data.sources import read_lines
-    from transformer_jax.inference.translator import load
-    from transformer_jax.workdir import Workdir
 
     try:
         if args.source:
@@ -60,19 +80,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             name = Path(args.source).stem
         else:
-            pairs = workdir_pairs(args.workdir, args.split)
+            pairs = workdir_pairs(args.workdir, args.split, args.engine)
             sources, references = [s for s, _ in pairs], [t for _, t in pairs]
             name = args.split
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from e
     if args.limit:
         sources, references = sources[: args.limit], references[: args.limit]
-    try:
-        translator = load(args.workdir, args.step)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from e
+    translator = load_translator(args)
     hypotheses = translator.translate(sources, progress=True, **decoding)
-    output = args.output or Workdir(args.workdir).hypotheses_path(name, translator.step)
+    output = args.output or _hypotheses_path(args.workdir, name, translator.step, args.engine)
     evaluation.write_hypotheses(output, hypotheses)
     result = evaluation.score(hypotheses, references)
     result.update(
@@ -80,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "step": translator.step,
             "workdir": str(translator.workdir),
             "hypotheses": str(output),
+            "engine": args.engine,
             "method": args.method,
             "beam_size": args.beam_size,
             "alpha": args.alpha,

@@ -8,11 +8,30 @@ output stays aligned, and a warning lists them.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from typing import Literal
 
-from transformer_jax.cli import add_decoding_flags, decoding_kwargs, quiet_libraries
+from transformer_jax.cli import (
+    add_decoding_flags,
+    decoding_kwargs,
+    load_translator,
+    quiet_libraries,
+)
+
+
+def nbest_lines(hypotheses: Sequence[Sequence[tuple[str, float]]], nbest: int) -> str:
+    """fairseq-style n-best: `H-<line>\t<score>\t<text>`, nbest lines per input line, best first.
+
+    An empty input line gets nbest lines with an empty text and score -inf.
+    """
+    lines = []
+    for i, found in enumerate(hypotheses):
+        padded = [*found, *[("", -math.inf)] * (nbest - len(found))]
+        for text, score in padded[:nbest]:
+            lines.append(f"H-{i}\t{score:.6f}\t{text.replace(chr(10), ' ')}\n")
+    return "".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,6 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--input", default=None, help="file to translate (default: stdin)")
     parser.add_argument("--output", default=None, help="file to write (default: stdout)")
     parser.add_argument(
+        "--nbest",
+        type=int,
+        default=0,
+        help="N > 0: print the N best per line with scores, fairseq style (H-i, score, text)",
+    )
+    parser.add_argument(
         "--on_invalid_utf8",
         choices=["stop", "empty"],
         default="stop",
@@ -30,22 +55,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_libraries()
     decoding = decoding_kwargs(args)
+    if args.nbest < 0:
+        raise SystemExit(f"error: --nbest={args.nbest}: must be >= 0")
 
     from transformer_jax import evaluation
     from transformer_jax.data.sources import read_lines
-    from transformer_jax.inference.translator import load
 
     invalid: Literal["raise", "empty"] = "raise" if args.on_invalid_utf8 == "stop" else "empty"
     try:
         name = None if args.input else "<stdin>"
         lines = read_lines(args.input or sys.stdin.buffer, name, invalid=invalid)
-        translator = load(args.workdir, args.step)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from e
+    translator = load_translator(args)
     # A progress bar for files and pipes; not when someone types lines interactively.
     progress = bool(args.input) or not sys.stdin.isatty()
-    outputs = translator.translate(lines, progress=progress, **decoding)
-    text = evaluation.as_lines(outputs)  # one line out per line in
+    try:
+        if args.nbest:
+            found = translator.translate_nbest(
+                lines, nbest=args.nbest, progress=progress, **decoding
+            )
+            text = nbest_lines(found, args.nbest)
+        else:
+            outputs = translator.translate(lines, progress=progress, **decoding)
+            text = evaluation.as_lines(outputs)  # one line out per line in
+    except ValueError as e:  # e.g. --nbest above --beam_size
+        raise SystemExit(f"error: {e}") from e
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)

@@ -451,12 +451,12 @@ def make_eval_batches(
     references = [target for _, target in pairs]
     indices = list(range(shard_index, len(pairs), shard_count))
     truncated = 0
-    inputs, count = _encode_truncated(tokenizer, [sources[i] for i in indices], max_source_length)
+    inputs, count = encode_truncated(tokenizer, [sources[i] for i in indices], max_source_length)
     truncated += count
     targets = None
     if max_target_length is not None:
         host_references = [references[i] for i in indices]
-        targets, count = _encode_truncated(tokenizer, host_references, max_target_length)
+        targets, count = encode_truncated(tokenizer, host_references, max_target_length)
         truncated += count
     if truncated:
         logging.warning(
@@ -482,13 +482,16 @@ def make_eval_batches(
     )
 
 
-def _encode_truncated(
-    tokenizer: Tokenizer, texts: list[str], max_length: int
+def encode_truncated(
+    tokenizer: Tokenizer, texts: Sequence[str], max_length: int
 ) -> tuple[list[np.ndarray], int]:
-    """EOS-terminated ids, cut to max_length with EOS kept last; also how many were cut."""
+    """EOS-terminated ids, cut to max_length with EOS kept last; also how many were cut.
+
+    The one rule for every evaluation and translation input (EOS counts toward the length).
+    """
     encoded = []
     cut = 0
-    for ids in tokenizer.encode_batch(texts):
+    for ids in tokenizer.encode_batch(list(texts)):
         if len(ids) >= max_length:
             ids = ids[: max_length - 1]
             cut += 1

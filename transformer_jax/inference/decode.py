@@ -1,14 +1,27 @@
 """Autoregressive decoding with the model's KV cache: greedy, sampling and beam search.
 
 Shape letters follow the model's glossary (B batch, S source length, T target length = the
-static max_length of the output buffer and of the self-attention cache, D d_model, V vocab),
-plus W = beam size and BW = the batch and beam axes flattened row-major (row b, beam w at
-b * W + w). Every decoder is a pure function of arrays looping with jax.lax.while_loop; jit it
-with max_length (and beam_size, alpha, temperature, top_k) static.
+static max_length of the output, D d_model, V vocab), plus W = beam size, N = hypotheses
+returned per sentence, C = the self-attention cache's current capacity, and BW = the batch and
+beam axes flattened row-major (row b, beam w at b * W + w). Every decoder is a pure function of
+arrays; jit it with max_length (and beam_size, alpha, temperature, top_k) static.
+
+Work follows the tokens decoded, not the output buffer. The cache starts with 16 slots and
+doubles (up to max_length) when the longest open hypothesis fills it: the decoding loop is a
+chain of jax.lax.while_loops, one per capacity, and each next one (with the cache copied into
+the larger buffer) runs only if some sentence is still open (jax.lax.cond), so a batch that
+ends early never touches the long buffers. Masked slots contribute exactly zero to attention,
+so the tokens are those of decoding into one buffer of max_length slots.
+
+Beam search keeps, per step, only what a step needs: each beam's 2W best next tokens are found
+first, then the joint best 2W among those W x 2W (not among W x V); every step writes the
+chosen tokens and their parent beams into [T, B, W] tables instead of gathering whole
+sequences, and the hypotheses are read back once at the end by following the parents.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -18,9 +31,13 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from transformer_jax.config import BOS_ID, EOS_ID, PAD_ID
-from transformer_jax.model import Transformer, init_cache, reorder_cache
+from transformer_jax.model import Transformer, grow_cache, init_cache, reorder_cache
 
 Array = jax.Array
+
+# The cache's first capacity; it doubles from here up to max_length.
+FIRST_CAPACITY = 16
+_NEG_INF = -jnp.inf
 
 
 def length_penalty(length: ArrayLike, alpha: float) -> Array:
@@ -34,21 +51,32 @@ def output_limits(src_ids_BxS: Array, extra_length: int, max_length: int) -> Arr
     return jnp.minimum(src_len_B + extra_length, max_length)
 
 
-def _allowed_tokens(step: Array, limit_B: Array, vocab_size: int, min_length: ArrayLike) -> Array:
-    """[B, V] mask of ids that may be emitted at `step` (0-based output position).
+def cache_capacities(max_length: int) -> list[int]:
+    """The cache sizes a decode may pass through: 16, 32, ... and max_length last.
 
-    PAD and BOS are never emitted: a PAD inside a sentence would read as its end, and BOS is
-    only the decoder's start token. EOS waits for min_length; at the cap EOS is the only choice.
+    The last doubling stops where max_length is within 1.5x, so a buffer of 129 (128 tokens
+    and EOS) ends 64 -> 129 rather than 64 -> 128 -> 129 (one more copy for one more step).
     """
-    ids_V = jnp.arange(vocab_size)
-    is_eos_V = ids_V == EOS_ID
-    ordinary_V = (ids_V != PAD_ID) & (ids_V != BOS_ID) & ~(is_eos_V & (step < min_length))
-    at_cap_B = step + 1 >= limit_B
-    return jnp.where(at_cap_B[:, None], is_eos_V[None, :], ordinary_V[None, :])
+    capacities = []
+    capacity = min(FIRST_CAPACITY, max_length)
+    while capacity * 3 < max_length * 2:
+        capacities.append(capacity)
+        capacity *= 2
+    return [*capacities, max_length]
+
+
+def _mask_columns(scores_RxV: Array, step: Array, min_length: ArrayLike) -> Array:
+    """PAD and BOS are never emitted; EOS waits for min_length (three columns, no full pass).
+
+    A PAD inside a sentence would read as its end, and BOS is only the decoder's start token.
+    """
+    scores_RxV = scores_RxV.at[:, PAD_ID].set(_NEG_INF).at[:, BOS_ID].set(_NEG_INF)
+    eos_R = jnp.where(step < min_length, _NEG_INF, scores_RxV[:, EOS_ID])
+    return scores_RxV.at[:, EOS_ID].set(eos_R)
 
 
 def _encode_and_cache(
-    model: Transformer, params: Any, src_ids_BxS: Array, max_length: int, copies: int
+    model: Transformer, params: Any, src_ids_BxS: Array, capacity: int, copies: int
 ) -> tuple[Array, Array, Any]:
     """Encode once, repeat the encoder output and source `copies` times per row, build the cache."""
     encoded_BxSxD: Array = model.apply({"params": params}, src_ids_BxS, method=Transformer.encode)  # type: ignore[assignment]
@@ -57,7 +85,7 @@ def _encode_and_cache(
         src_ids_BxS = jnp.repeat(src_ids_BxS, copies, axis=0)
     # Under jit the sizing pass inside init_cache is dead code except the cross-attention
     # projection; XLA drops the rest, so building the cache costs one projection per layer.
-    cache = init_cache(model, params, encoded_BxSxD, src_ids_BxS, max_length)
+    cache = init_cache(model, params, encoded_BxSxD, src_ids_BxS, capacity)
     return encoded_BxSxD, src_ids_BxS, cache
 
 
@@ -82,6 +110,41 @@ def _decoder_step(
     return logits_Bx1xV[:, 0], mutated["cache"]  # type: ignore[index]
 
 
+def _grown_loop(
+    state: Any,
+    step_fn: Callable[[Any], Any],
+    is_open: Callable[[Any], Array],
+    finish: Callable[[Any], Any],
+    capacities: list[int],
+    grow: Callable[[Any, int], Any],
+) -> Any:
+    """finish(state) after stepping while is_open, the cache growing through capacities."""
+
+    def run(k: int, state: Any) -> Any:
+        capacity = capacities[k]
+        # Step i writes cache slot i: a capacity of C holds steps 0 .. C - 1.
+        state = jax.lax.while_loop(lambda s: is_open(s) & (s.step < capacity), step_fn, state)
+        if k == len(capacities) - 1:
+            return finish(state)
+        return jax.lax.cond(
+            is_open(state), lambda s: run(k + 1, grow(s, capacities[k + 1])), finish, state
+        )
+
+    return run(0, state)
+
+
+@flax.struct.dataclass
+class _SequenceState:
+    """The greedy/sampling loop's carry."""
+
+    step: Array  # [] int32: tokens decoded so far
+    cache: Any
+    previous_B: Array  # [B] int32: each sentence's latest token
+    finished_B: Array  # [B] bool: emitted EOS
+    out_BxT: Array  # [B, T] int32: the outputs, PAD after EOS
+    logp_B: Array  # [B] float32: sum of the model's log-probs of the outputs
+
+
 def _sequential_decode(
     model: Transformer,
     params: Any,
@@ -91,38 +154,57 @@ def _sequential_decode(
     max_length: int,
     extra_length: int,
     min_length: int,
-) -> Array:
-    """One token per step per sentence, picked by choose(step, masked_logits_BxV) -> [B]."""
+    alpha: float,
+) -> tuple[Array, Array]:
+    """One token per step per sentence, picked by choose(step, masked_logits_BxV) -> [B].
+
+    Returns (outputs [B, T], log P(outputs) / lp(|outputs|, alpha) [B]).
+    """
     B = src_ids_BxS.shape[0]
+    capacities = cache_capacities(max_length)
     encoded_BxSxD, src_ids_BxS, cache = _encode_and_cache(
-        model, params, src_ids_BxS, max_length, copies=1
+        model, params, src_ids_BxS, capacities[0], copies=1
     )
     limit_B = output_limits(src_ids_BxS, extra_length, max_length)
+    rows_B = jnp.arange(B)
 
-    def step(carry: tuple[Any, ...]) -> tuple[Any, ...]:
-        i, cache, previous_B, finished_B, out_BxT = carry
+    def step(s: _SequenceState) -> _SequenceState:
         logits_BxV, cache = _decoder_step(
-            model, params, cache, encoded_BxSxD, src_ids_BxS, previous_B
+            model, params, s.cache, encoded_BxSxD, src_ids_BxS, s.previous_B
         )
-        allowed_BxV = _allowed_tokens(i, limit_B, logits_BxV.shape[-1], min_length)
-        token_B = choose(i, jnp.where(allowed_BxV, logits_BxV, -jnp.inf)).astype(jnp.int32)
-        token_B = jnp.where(finished_B, PAD_ID, token_B)
-        out_BxT = jax.lax.dynamic_update_slice(out_BxT, token_B[:, None], (0, i))
-        finished_B = finished_B | (token_B == EOS_ID)
-        return i + 1, cache, token_B, finished_B, out_BxT
+        token_B = choose(s.step, _mask_columns(logits_BxV, s.step, min_length))
+        # At the cap EOS is the only choice.
+        token_B = jnp.where(s.step + 1 >= limit_B, EOS_ID, token_B).astype(jnp.int32)
+        token_B = jnp.where(s.finished_B, PAD_ID, token_B)
+        logp_B = logits_BxV[rows_B, token_B] - jax.nn.logsumexp(logits_BxV, axis=-1)
+        return _SequenceState(
+            step=s.step + 1,
+            cache=cache,
+            previous_B=token_B,
+            finished_B=s.finished_B | (token_B == EOS_ID),
+            out_BxT=jax.lax.dynamic_update_slice(s.out_BxT, token_B[:, None], (0, s.step)),
+            logp_B=s.logp_B + jnp.where(s.finished_B, 0.0, logp_B),
+        )
 
-    def not_done(carry: tuple[Any, ...]) -> Array:
-        i, _, _, finished_B, _ = carry
-        return (i < max_length) & ~jnp.all(finished_B)
+    def is_open(s: _SequenceState) -> Array:
+        return (s.step < max_length) & ~jnp.all(s.finished_B)
 
-    init = (
-        jnp.array(0, jnp.int32),
-        cache,
-        jnp.full((B,), BOS_ID, jnp.int32),
-        jnp.zeros((B,), bool),
-        jnp.full((B, max_length), PAD_ID, jnp.int32),
+    def finish(s: _SequenceState) -> tuple[Array, Array]:
+        lengths_B = jnp.sum(s.out_BxT != PAD_ID, axis=-1)
+        return s.out_BxT, s.logp_B / length_penalty(lengths_B, alpha)
+
+    def grow(s: _SequenceState, capacity: int) -> _SequenceState:
+        return dataclasses.replace(s, cache=grow_cache(model.config, s.cache, capacity))
+
+    init = _SequenceState(
+        step=jnp.array(0, jnp.int32),
+        cache=cache,
+        previous_B=jnp.full((B,), BOS_ID, jnp.int32),
+        finished_B=jnp.zeros((B,), bool),
+        out_BxT=jnp.full((B, max_length), PAD_ID, jnp.int32),
+        logp_B=jnp.zeros((B,), jnp.float32),
     )
-    return jax.lax.while_loop(not_done, step, init)[-1]
+    return _grown_loop(init, step, is_open, finish, capacities, grow)
 
 
 def greedy_decode(
@@ -133,19 +215,22 @@ def greedy_decode(
     max_length: int,
     extra_length: int = 50,
     min_length: int = 0,
-) -> Array:
+    return_scores: bool = False,
+    alpha: float = 0.6,
+) -> Array | tuple[Array, Array]:
     """Argmax decoding: [B, max_length] ids, EOS included, PAD after it. Jit with static max_length.
 
     The encoder runs once; cross-attention keys/values are projected once into the cache; each
     step feeds the previous token and stops when every sentence has emitted EOS or hit its cap
     (source length + extra_length, at most max_length). min_length blocks EOS before that many
-    tokens (benchmarks use it to force the output length).
+    tokens (benchmarks use it to force the output length). With return_scores, also [B]
+    log P(output) / lp(|output|, alpha), the score beam search ranks by.
     """
 
     def argmax(_: Array, logits_BxV: Array) -> Array:
         return jnp.argmax(logits_BxV, axis=-1)
 
-    return _sequential_decode(
+    out_BxT, score_B = _sequential_decode(
         model,
         params,
         src_ids_BxS,
@@ -153,7 +238,9 @@ def greedy_decode(
         max_length=max_length,
         extra_length=extra_length,
         min_length=min_length,
+        alpha=alpha,
     )
+    return (out_BxT, score_B) if return_scores else out_BxT
 
 
 def sample_decode(
@@ -167,10 +254,12 @@ def sample_decode(
     max_length: int,
     extra_length: int = 50,
     min_length: int = 0,
-) -> Array:
+    return_scores: bool = False,
+    alpha: float = 0.6,
+) -> Array | tuple[Array, Array]:
     """Ancestral sampling from softmax(logits / temperature), optionally from the top_k ids only.
 
-    Same output format and caps as greedy_decode; temperature 0 or top_k 1 is greedy decoding.
+    Same output format, caps and scores as greedy_decode; temperature 0 or top_k 1 is greedy.
     """
     if temperature < 0:
         raise ValueError(f"sample_decode: temperature must be >= 0, got {temperature}")
@@ -183,11 +272,11 @@ def sample_decode(
         logits_BxV = logits_BxV / temperature
         if top_k > 0:
             kth_Bx1 = jax.lax.top_k(logits_BxV, min(top_k, logits_BxV.shape[-1]))[0][:, -1:]
-            logits_BxV = jnp.where(logits_BxV >= kth_Bx1, logits_BxV, -jnp.inf)
+            logits_BxV = jnp.where(logits_BxV >= kth_Bx1, logits_BxV, _NEG_INF)
         # A fresh key per step from the step index: no key to carry through the loop.
         return jax.random.categorical(jax.random.fold_in(rng, i), logits_BxV, axis=-1)
 
-    return _sequential_decode(
+    out_BxT, score_B = _sequential_decode(
         model,
         params,
         src_ids_BxS,
@@ -195,20 +284,29 @@ def sample_decode(
         max_length=max_length,
         extra_length=extra_length,
         min_length=min_length,
+        alpha=alpha,
     )
+    return (out_BxT, score_B) if return_scores else out_BxT
 
 
 @flax.struct.dataclass
 class BeamState:
-    """The beam search loop's carry: W alive and W finished hypotheses per sentence."""
+    """The beam search loop's carry: W alive and W finished hypotheses per sentence.
+
+    Sequences are not carried: tokens_TxBxW[t] holds the token each alive beam chose at step t
+    and parents_TxBxW[t] the beam of step t - 1 it extends; a finished hypothesis is its score,
+    the step that emitted its EOS and the beam that EOS extended.
+    """
 
     step: Array  # [] int32: tokens decoded so far (the output position being filled)
     cache: Any  # the decoder's KV cache, one row per (sentence, alive beam)
     last_BxW: Array  # [B, W] int32: each alive hypothesis's latest token
-    alive_seqs_BxWxT: Array  # [B, W, T] int32: alive hypotheses, PAD after the last token
     alive_logp_BxW: Array  # [B, W] float32: their log-probabilities, best first
-    done_seqs_BxWxT: Array  # [B, W, T] int32: finished hypotheses (ending in EOS)
-    done_score_BxW: Array  # [B, W] float32: their length-penalized scores, best first
+    tokens_TxBxW: Array  # [T, B, W] int32
+    parents_TxBxW: Array  # [T, B, W] int32
+    done_score_BxW: Array  # [B, W] float32: finished hypotheses' length-penalized scores
+    done_step_BxW: Array  # [B, W] int32: the step that emitted their EOS
+    done_parent_BxW: Array  # [B, W] int32: the alive beam of that step - 1 they extend
 
 
 def beam_search(
@@ -221,6 +319,7 @@ def beam_search(
     max_length: int,
     extra_length: int = 50,
     min_length: int = 0,
+    num_hypotheses: int | None = None,
 ) -> tuple[Array, Array]:
     """Beam search with the GNMT length penalty and early stopping (section 6.1).
 
@@ -233,93 +332,184 @@ def beam_search(
     still score), beats its worst finished score.
 
     Returns:
-      ([B, max_length] int32 best hypothesis per sentence, EOS then PAD; [B] float32 its score).
-      A sentence with no finished hypothesis gets its best alive one, scored at its length.
+      ([B, max_length] int32 best hypothesis per sentence, EOS then PAD; [B] float32 its score),
+      or with num_hypotheses=N (at most beam_size) the N best: [B, N, max_length] and [B, N].
+      Where fewer than N finished, the best alive ones follow, scored at their length.
     """
     if beam_size < 1:
         raise ValueError(f"beam_search: beam_size must be >= 1, got {beam_size}")
     if alpha < 0:
         # The early-stop bound needs a penalty that grows with length.
         raise ValueError(f"beam_search: alpha must be >= 0, got {alpha}")
+    count = 1 if num_hypotheses is None else num_hypotheses
+    if not 1 <= count <= beam_size:
+        raise ValueError(
+            f"beam_search: num_hypotheses={num_hypotheses} must be in [1, beam_size={beam_size}]"
+        )
     B, W, T = src_ids_BxS.shape[0], beam_size, max_length
+    capacities = cache_capacities(max_length)
     encoded_BWxSxD, src_ids_BWxS, cache = _encode_and_cache(
-        model, params, src_ids_BxS, max_length, copies=W
+        model, params, src_ids_BxS, capacities[0], copies=W
     )
     limit_B = output_limits(src_ids_BxS, extra_length, max_length)
-    best_possible_lp_B = length_penalty(limit_B, alpha)
-    rows_Bx1 = jnp.arange(B)[:, None]
 
     def step(state: BeamState) -> BeamState:
-        i = state.step
         logits_BWxV, cache = _decoder_step(
-            model, params, state.cache, encoded_BWxSxD, src_ids_BWxS, state.last_BxW.reshape(B * W)
+            model, params, state.cache, encoded_BWxSxD, src_ids_BWxS, state.last_BxW.reshape(-1)
         )
-        V = logits_BWxV.shape[-1]
-        logp_BxWxV = jax.nn.log_softmax(logits_BWxV).reshape(B, W, V)
-        # Masked after the softmax, not renormalized: scores stay the model's own log-probs.
-        allowed_BxV = _allowed_tokens(i, limit_B, V, min_length)
-        logp_BxWxV = jnp.where(allowed_BxV[:, None, :], logp_BxWxV, -jnp.inf)
-        total_BxWV = (state.alive_logp_BxW[:, :, None] + logp_BxWxV).reshape(B, W * V)
-        cand_logp_Bx2W, cand_index_Bx2W = jax.lax.top_k(total_BxWV, 2 * W)
-        cand_parent_Bx2W = cand_index_Bx2W // V
-        cand_token_Bx2W = (cand_index_Bx2W % V).astype(jnp.int32)
-        cand_seqs_Bx2WxT = jax.lax.dynamic_update_slice(
-            state.alive_seqs_BxWxT[rows_Bx1, cand_parent_Bx2W],
-            cand_token_Bx2W[:, :, None],
-            (0, 0, i),
+        token_BxW, parent_BxW, alive_logp_BxW, finished = _beam_choices(
+            jax.nn.log_softmax(logits_BWxV), state, limit_B, min_length, alpha, W
         )
-        cand_eos_Bx2W = cand_token_Bx2W == EOS_ID
-
-        # Alive: the best W extensions that did not end (each parent gives at most one EOS).
-        alive_logp_BxW, pick_BxW = jax.lax.top_k(
-            jnp.where(cand_eos_Bx2W, -jnp.inf, cand_logp_Bx2W), W
-        )
-        parent_BxW = cand_parent_Bx2W[rows_Bx1, pick_BxW]
-
-        # Finished: merge the new EOS extensions into the W best so far.
-        cand_score_Bx2W = jnp.where(
-            cand_eos_Bx2W, cand_logp_Bx2W / length_penalty(i + 1, alpha), -jnp.inf
-        )
-        done_score_BxW, keep_BxW = jax.lax.top_k(
-            jnp.concatenate([state.done_score_BxW, cand_score_Bx2W], axis=1), W
-        )
-        done_seqs_BxWxT = jnp.concatenate([state.done_seqs_BxWxT, cand_seqs_Bx2WxT], axis=1)[
-            rows_Bx1, keep_BxW
-        ]
+        rows_Bx1 = jnp.arange(B)[:, None]
         return BeamState(
-            step=i + 1,
-            cache=reorder_cache(model.config, cache, (rows_Bx1 * W + parent_BxW).reshape(B * W)),
-            last_BxW=cand_token_Bx2W[rows_Bx1, pick_BxW],
-            alive_seqs_BxWxT=cand_seqs_Bx2WxT[rows_Bx1, pick_BxW],
+            step=state.step + 1,
+            cache=reorder_cache(model.config, cache, (rows_Bx1 * W + parent_BxW).reshape(-1)),
+            last_BxW=token_BxW,
             alive_logp_BxW=alive_logp_BxW,
-            done_seqs_BxWxT=done_seqs_BxWxT,
-            done_score_BxW=done_score_BxW,
+            tokens_TxBxW=state.tokens_TxBxW.at[state.step].set(token_BxW),
+            parents_TxBxW=state.parents_TxBxW.at[state.step].set(parent_BxW),
+            **finished,
         )
 
-    def not_done(state: BeamState) -> Array:
+    best_possible_lp_B = length_penalty(limit_B, alpha)
+
+    def is_open(state: BeamState) -> Array:
         # Both are sorted best first (top_k): compare the best alive with the worst finished.
         best_alive_B = state.alive_logp_BxW[:, 0] / best_possible_lp_B
         can_improve_B = best_alive_B > state.done_score_BxW[:, -1]
         return (state.step < max_length) & jnp.any(can_improve_B)
+
+    def grow(state: BeamState, capacity: int) -> BeamState:
+        return dataclasses.replace(state, cache=grow_cache(model.config, state.cache, capacity))
+
+    def finish(state: BeamState) -> tuple[Array, Array]:
+        return _best_hypotheses(state, count, alpha)
 
     # Beams start identical; only beam 0 is live so the first step does not pick duplicates.
     init = BeamState(
         step=jnp.array(0, jnp.int32),
         cache=cache,
         last_BxW=jnp.full((B, W), BOS_ID, jnp.int32),
-        alive_seqs_BxWxT=jnp.full((B, W, T), PAD_ID, jnp.int32),
         alive_logp_BxW=jnp.tile(jnp.array([0.0] + [-jnp.inf] * (W - 1), jnp.float32), (B, 1)),
-        done_seqs_BxWxT=jnp.full((B, W, T), PAD_ID, jnp.int32),
+        tokens_TxBxW=jnp.full((T, B, W), PAD_ID, jnp.int32),
+        parents_TxBxW=jnp.zeros((T, B, W), jnp.int32),
         done_score_BxW=jnp.full((B, W), -jnp.inf, jnp.float32),
+        done_step_BxW=jnp.zeros((B, W), jnp.int32),
+        done_parent_BxW=jnp.zeros((B, W), jnp.int32),
     )
-    final = jax.lax.while_loop(not_done, step, init)
-    has_finished_B = final.done_score_BxW[:, 0] > -jnp.inf
-    seqs_BxT = jnp.where(
-        has_finished_B[:, None], final.done_seqs_BxWxT[:, 0], final.alive_seqs_BxWxT[:, 0]
+    seqs_BxNxT, scores_BxN = _grown_loop(init, step, is_open, finish, capacities, grow)
+    if num_hypotheses is None:
+        return seqs_BxNxT[:, 0], scores_BxN[:, 0]
+    return seqs_BxNxT, scores_BxN
+
+
+def _beam_choices(
+    logp_BWxV: Array,
+    state: BeamState,
+    limit_B: Array,
+    min_length: int,
+    alpha: float,
+    W: int,
+) -> tuple[Array, Array, Array, dict[str, Array]]:
+    """One step's (tokens, parents, log-probs) of the new alive beams and the finished fields.
+
+    Masked after the softmax, not renormalized: scores stay the model's own log-probs.
+    """
+    i = state.step
+    B = state.alive_logp_BxW.shape[0]
+    rows_Bx1 = jnp.arange(B)[:, None]
+    eos_BxW = logp_BWxV[:, EOS_ID].reshape(B, W)  # at the cap EOS is allowed whatever min_length
+    masked_BWxV = _mask_columns(logp_BWxV, i, min_length)
+    # Each beam's best 2W tokens hold every one of the joint best 2W among W x V.
+    top_logp_BWx2W, top_token_BWx2W = jax.lax.top_k(masked_BWxV, 2 * W)
+    total_BxWx2W = state.alive_logp_BxW[:, :, None] + top_logp_BWx2W.reshape(B, W, 2 * W)
+    cand_logp_Bx2W, flat_Bx2W = jax.lax.top_k(total_BxWx2W.reshape(B, W * 2 * W), 2 * W)
+    cand_parent_Bx2W = flat_Bx2W // (2 * W)
+    cand_token_Bx2W = top_token_BWx2W.reshape(B, W * 2 * W)[rows_Bx1, flat_Bx2W]
+    # At its cap a sentence's only candidates are its beams' EOS extensions.
+    cap_logp_Bx2W, cap_parent_Bx2W = jax.lax.top_k(
+        jnp.concatenate(
+            [state.alive_logp_BxW + eos_BxW, jnp.full((B, W), -jnp.inf, jnp.float32)], axis=1
+        ),
+        2 * W,
     )
-    score_B = jnp.where(
-        has_finished_B,
-        final.done_score_BxW[:, 0],
-        final.alive_logp_BxW[:, 0] / length_penalty(final.step, alpha),
+    at_cap_Bx1 = (i + 1 >= limit_B)[:, None]
+    cand_logp_Bx2W = jnp.where(at_cap_Bx1, cap_logp_Bx2W, cand_logp_Bx2W)
+    cand_parent_Bx2W = jnp.where(at_cap_Bx1, cap_parent_Bx2W % W, cand_parent_Bx2W)
+    cand_token_Bx2W = jnp.where(at_cap_Bx1, EOS_ID, cand_token_Bx2W).astype(jnp.int32)
+    cand_eos_Bx2W = cand_token_Bx2W == EOS_ID
+
+    # Alive: the best W extensions that did not end (each parent gives at most one EOS).
+    alive_logp_BxW, pick_BxW = jax.lax.top_k(jnp.where(cand_eos_Bx2W, -jnp.inf, cand_logp_Bx2W), W)
+    token_BxW = cand_token_Bx2W[rows_Bx1, pick_BxW]
+    parent_BxW = cand_parent_Bx2W[rows_Bx1, pick_BxW]
+
+    # Finished: merge the new EOS extensions into the W best so far.
+    cand_score_Bx2W = jnp.where(
+        cand_eos_Bx2W, cand_logp_Bx2W / length_penalty(i + 1, alpha), -jnp.inf
     )
-    return seqs_BxT, score_B
+    done_score_BxW, keep_BxW = jax.lax.top_k(
+        jnp.concatenate([state.done_score_BxW, cand_score_Bx2W], axis=1), W
+    )
+    merged_step = jnp.concatenate(
+        [state.done_step_BxW, jnp.broadcast_to(i, cand_score_Bx2W.shape)], axis=1
+    )
+    merged_parent = jnp.concatenate([state.done_parent_BxW, cand_parent_Bx2W], axis=1)
+    finished = {
+        "done_score_BxW": done_score_BxW,
+        "done_step_BxW": merged_step[rows_Bx1, keep_BxW],
+        "done_parent_BxW": merged_parent[rows_Bx1, keep_BxW],
+    }
+    return token_BxW, parent_BxW, alive_logp_BxW, finished
+
+
+def _best_hypotheses(state: BeamState, count: int, alpha: float) -> tuple[Array, Array]:
+    """The `count` best hypotheses per sentence ([B, N, T], [B, N]), read back from the tables.
+
+    Finished ones first (best first); where fewer than N finished, the best alive ones follow,
+    scored at their length (state.step tokens, no EOS).
+    """
+    B, W = state.done_score_BxW.shape
+    n_N = jnp.arange(count)
+    finished_B = jnp.sum(state.done_score_BxW > -jnp.inf, axis=1)
+    from_done_BxN = n_N[None, :] < finished_B[:, None]
+    done_slot_BxN = jnp.minimum(n_N[None, :], W - 1)
+    alive_slot_BxN = jnp.clip(n_N[None, :] - finished_B[:, None], 0, W - 1)
+    rows_Bx1 = jnp.arange(B)[:, None]
+    end_BxN = jnp.where(from_done_BxN, state.done_step_BxW[rows_Bx1, done_slot_BxN], state.step)
+    slot_BxN = jnp.where(
+        from_done_BxN, state.done_parent_BxW[rows_Bx1, done_slot_BxN], alive_slot_BxN
+    )
+    alive_score_BxN = state.alive_logp_BxW[rows_Bx1, alive_slot_BxN] / length_penalty(
+        state.step, alpha
+    )
+    score_BxN = jnp.where(
+        from_done_BxN, state.done_score_BxW[rows_Bx1, done_slot_BxN], alive_score_BxN
+    )
+    seqs_BxNxT = _follow_parents(state.tokens_TxBxW, state.parents_TxBxW, end_BxN, slot_BxN)
+    # A finished hypothesis ends with its EOS, at the step that emitted it.
+    T = seqs_BxNxT.shape[-1]
+    at_end_BxNxT = jnp.arange(T)[None, None, :] == end_BxN[:, :, None]
+    seqs_BxNxT = jnp.where(at_end_BxNxT & from_done_BxN[:, :, None], EOS_ID, seqs_BxNxT)
+    return seqs_BxNxT, score_BxN
+
+
+def _follow_parents(
+    tokens_TxBxW: Array, parents_TxBxW: Array, end_BxN: Array, slot_BxN: Array
+) -> Array:
+    """Tokens before each end step, read backwards through the parent beams: [B, N, T]."""
+    T = tokens_TxBxW.shape[0]
+    B, N = end_BxN.shape
+
+    def back(j: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
+        out_BxNxT, slot_BxN = carry
+        t = T - 1 - j
+        active_BxN = t < end_BxN
+        token_BxN = jnp.take_along_axis(tokens_TxBxW[t], slot_BxN, axis=1)
+        parent_BxN = jnp.take_along_axis(parents_TxBxW[t], slot_BxN, axis=1)
+        column_BxNx1 = jnp.where(active_BxN, token_BxN, PAD_ID)[:, :, None]
+        out_BxNxT = jax.lax.dynamic_update_slice(out_BxNxT, column_BxNx1, (0, 0, t))
+        return out_BxNxT, jnp.where(active_BxN, parent_BxN, slot_BxN)
+
+    init = (jnp.full((B, N, T), PAD_ID, jnp.int32), slot_BxN)
+    return jax.lax.fori_loop(0, T, back, init)[0]

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from transformer_jax import sharding
 from transformer_jax.config import ModelConfig
+from transformer_jax.evaluation import Decoded, DecodeRows
 from transformer_jax.inference import decode
 from transformer_jax.model import Transformer
 
@@ -36,6 +37,7 @@ class DecodeSettings:
     temperature: float = 1.0  # method="sample" only
     top_k: int = 0  # method="sample" only; 0 = the whole vocabulary
     seed: int = 0  # method="sample" only
+    nbest: int = 1  # hypotheses returned per sentence (beam: at most beam_size)
 
     def __post_init__(self) -> None:
         checks = [
@@ -46,6 +48,13 @@ class DecodeSettings:
             (self.max_length is None or self.max_length >= 1, "max_length", "must be >= 1"),
             (self.temperature >= 0, "temperature", "must be >= 0"),
             (self.top_k >= 0, "top_k", "must be >= 0 (0 = no cut)"),
+            (self.nbest >= 1, "nbest", "must be >= 1"),
+            (
+                self.nbest <= (self.beam_size if self.method == "beam" else 1),
+                "nbest",
+                f"must be at most {self.beam_size if self.method == 'beam' else 1} for "
+                f"method={self.method!r}" + (" (the beam size)" if self.method == "beam" else ""),
+            ),
         ]
         for ok, field, message in checks:
             if not ok:
@@ -69,20 +78,24 @@ class JaxEngine:
 
     def decode_rows(
         self, params: Any, settings: DecodeSettings, src_rows: np.ndarray, number: int
-    ) -> np.ndarray:
-        """Decode this process's rows [b, S] (all processes call together); its [b, T] tokens."""
+    ) -> Decoded:
+        """Decode this process's rows [b, S] (all processes call together); its n best."""
         fn = self._decoder(settings, src_rows.shape[1])
         rng = jax.random.fold_in(jax.random.key(settings.seed), number)
         src = sharding.to_global({"inputs": src_rows}, self._rows)["inputs"]
         with sharding.context(self.mesh, self.rules):
-            tokens = fn(params, src, rng)
-        return sharding.host_local_rows(tokens)
+            tokens, scores = fn(params, src, rng)
+        return Decoded(
+            tokens=sharding.host_local_rows(tokens), scores=sharding.host_local_rows(scores)
+        )
 
-    def bind(
-        self, params: Any, settings: DecodeSettings
-    ) -> Callable[[np.ndarray, int], np.ndarray]:
+    def bind(self, params: Any, settings: DecodeSettings) -> DecodeRows:
         """decode_rows with the parameters and settings fixed (an evaluation.DecodeRows)."""
         return functools.partial(self.decode_rows, params, settings)
+
+    def compiled(self, settings: DecodeSettings, src_len: int) -> Any:
+        """The jitted decoder for these settings and source length (for AOT lowering too)."""
+        return self._decoder(settings, src_len)
 
     def _decoder(self, settings: DecodeSettings, src_len: int) -> Callable[..., Any]:
         # The seed does not change the program; everything else may.
@@ -95,28 +108,53 @@ class JaxEngine:
         return self._compiled[key]
 
     def _decode_fn(self, s: DecodeSettings, max_length: int) -> Callable[..., Any]:
+        """(params, src, rng) -> ([B, N, T] tokens, [B, N] scores) for these settings."""
         model = Transformer(self.config)
-        if s.method == "greedy" or (s.method == "beam" and s.beam_size == 1):
-            greedy = functools.partial(
-                decode.greedy_decode, model, max_length=max_length, extra_length=s.extra_length
-            )
-            return lambda params, src, rng: greedy(params, src)
-        if s.method == "beam":
-            beam = functools.partial(
-                decode.beam_search,
+        extra, alpha = s.extra_length, s.alpha
+
+        def greedy(params: Any, src: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+            tokens, scores = decode.greedy_decode(
                 model,
-                beam_size=s.beam_size,
-                alpha=s.alpha,
+                params,
+                src,
                 max_length=max_length,
-                extra_length=s.extra_length,
+                extra_length=extra,
+                alpha=alpha,
+                return_scores=True,
             )
-            return lambda params, src, rng: beam(params, src)[0]
-        sample = functools.partial(
-            decode.sample_decode,
-            model,
-            temperature=s.temperature,
-            top_k=s.top_k,
-            max_length=max_length,
-            extra_length=s.extra_length,
-        )
-        return lambda params, src, rng: sample(params, src, rng)
+            return _one_best(tokens, scores)
+
+        def beam(params: Any, src: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+            return decode.beam_search(
+                model,
+                params,
+                src,
+                beam_size=s.beam_size,
+                alpha=alpha,
+                max_length=max_length,
+                extra_length=extra,
+                num_hypotheses=s.nbest,
+            )
+
+        def sample(params: Any, src: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+            tokens, scores = decode.sample_decode(
+                model,
+                params,
+                src,
+                rng,
+                temperature=s.temperature,
+                top_k=s.top_k,
+                max_length=max_length,
+                extra_length=extra,
+                alpha=alpha,
+                return_scores=True,
+            )
+            return _one_best(tokens, scores)
+
+        if s.method == "greedy" or (s.method == "beam" and s.beam_size == 1):
+            return greedy
+        return beam if s.method == "beam" else sample
+
+
+def _one_best(tokens_BxT: jax.Array, scores_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return tokens_BxT[:, None], scores_B[:, None]

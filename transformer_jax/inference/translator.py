@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ from jax.sharding import Mesh
 from transformer_jax import evaluation, sharding
 from transformer_jax.config import EOS_ID, ModelConfig
 from transformer_jax.data.tokenizer import Tokenizer
+from transformer_jax.inference.ctranslate2_engine import CTranslate2Engine
 from transformer_jax.inference.engine import DecodeSettings, JaxEngine, Method
 from transformer_jax.model import Transformer
 from transformer_jax.state import abstract_train_state
@@ -46,6 +48,8 @@ class Translator:
     workdir: epath.Path
     mesh: Mesh
     rules: sharding.LogicalRules
+    # Another engine with bind(params, settings) -> DecodeRows (CTranslate2); None: JAX.
+    backend: Any = None
 
     @property
     def model(self) -> Transformer:
@@ -53,8 +57,10 @@ class Translator:
         return Transformer(self.config)
 
     @functools.cached_property
-    def engine(self) -> JaxEngine:
-        """The jitted decoders (compiled on first use, per settings and source bucket)."""
+    def engine(self) -> Any:
+        """What decodes: the JAX engine (jitted per settings and source bucket) or `backend`."""
+        if self.backend is not None:
+            return self.backend
         return JaxEngine(self.config, self.mesh, self.rules)
 
     def translate(
@@ -79,6 +85,43 @@ class Translator:
         every process passes the same sentences and gets every translation back; each decodes
         its share (batch_size rows per process and batch).
         """
+        best = self.translate_nbest(
+            sentences,
+            nbest=1,
+            beam_size=beam_size,
+            alpha=alpha,
+            method=method,
+            batch_size=batch_size,
+            max_source_length=max_source_length,
+            extra_length=extra_length,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+            progress=progress,
+        )
+        return [hypotheses[0][0] if hypotheses else "" for hypotheses in best]
+
+    def translate_nbest(
+        self,
+        sentences: Sequence[str],
+        *,
+        nbest: int,
+        beam_size: int = 4,
+        alpha: float = 0.6,
+        method: Method = "beam",
+        batch_size: int = 32,
+        max_source_length: int | None = None,
+        extra_length: int = 50,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> list[evaluation.Hypotheses]:
+        """Each sentence's nbest (text, score) pairs, best first; [] for an empty line.
+
+        The score is the engine's: for the JAX engine log P(Y|X) / ((5 + |Y|) / 6) ** alpha
+        with |Y| counting EOS, for every method (greedy and sampling too).
+        """
         max_source_length = max_source_length or self.config.max_len
         if max_source_length > self.config.max_len:
             raise ValueError(
@@ -93,8 +136,9 @@ class Translator:
             temperature=temperature,
             top_k=top_k,
             seed=seed,
+            nbest=nbest,
         )
-        return evaluation.translate(
+        return evaluation.translate_nbest(
             self.engine.bind(self.params, settings),
             self.tokenizer,
             sentences,
@@ -105,6 +149,11 @@ class Translator:
 
     def attention_weights(self, source: str, target: str | None = None) -> AttentionMaps:
         """Attention maps for (source, target); target defaults to the model's translation."""
+        if self.params is None:
+            raise ValueError(
+                "attention_weights needs the JAX model: load the training workdir, not the "
+                "CTranslate2 export"
+            )
         if target is None:
             target = self.translate([source])[0]
         src = np.asarray([[*self.tokenizer.encode(source), EOS_ID]], np.int32)
@@ -145,20 +194,37 @@ def load(
     *,
     mesh_shape: dict[str, int] | None = None,
     logical_axis_rules: Sequence[Sequence[Any]] | None = None,
+    engine: Literal["jax", "ctranslate2"] = "jax",
+    device: str = "cpu",
+    compute_type: str = "default",
 ) -> Translator:
     """Open a workdir: its model config, tokenizer and the parameters of one checkpoint.
 
-    step=None takes the newest checkpoint. Hyperparameters come from the workdir's
+    step=None takes the newest readable checkpoint. Hyperparameters come from the workdir's
     model_config.json, so nothing has to be repeated. mesh_shape defaults to all devices in
     data parallel (parameters replicated); pass e.g. {"data": 1, "fsdp": -1} to shard them.
+    engine="ctranslate2" opens a model exported by `python -m transformer_jax.export` instead
+    (workdir is then the exported folder; device and compute_type go to CTranslate2).
     """
-    run = Workdir(workdir)
-    config = run.read_model_config()
-    tokenizer = run.load_tokenizer(config.vocab_size)
     mesh = sharding.make_mesh(mesh_shape or sharding.DATA_PARALLEL)
     # Each process feeds its own sentences: a 'tensor' group across processes would mix them.
     sharding.check_mesh_feeds_consistent_rows(mesh)
     rules = sharding.rules_from_config(logical_axis_rules)
+    if engine == "ctranslate2":
+        backend = CTranslate2Engine(workdir, device=device, compute_type=compute_type)
+        return Translator(
+            config=backend.config,
+            params=None,
+            tokenizer=backend.tokenizer,
+            step=int(backend.meta["step"]),
+            workdir=epath.Path(os.fspath(workdir)),
+            mesh=mesh,
+            rules=rules,
+            backend=backend,
+        )
+    run = Workdir(workdir)
+    config = run.read_model_config()
+    tokenizer = run.load_tokenizer(config.vocab_size)
     abstract = abstract_train_state(config, mesh, rules).params
     params, step = run.restore_params(step, abstract)
     log.info("Loaded %s step %d (%s)", run, step, config)

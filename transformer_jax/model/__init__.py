@@ -3,6 +3,7 @@
 from transformer_jax.model.attention import MultiHeadAttention, make_attention_mask
 from transformer_jax.model.transformer import (
     Transformer,
+    grow_cache,
     init_cache,
     reorder_cache,
     shift_right,
@@ -13,6 +14,7 @@ from transformer_jax.model.transformer import (
 __all__ = [
     "MultiHeadAttention",
     "Transformer",
+    "grow_cache",
     "init_cache",
     "make_attention_mask",
     "reorder_cache",

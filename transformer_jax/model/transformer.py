@@ -424,6 +424,23 @@ def reorder_cache(config: ModelConfig, cache: dict, rows_R: Array) -> dict:
     return jax.tree_util.tree_map_with_path(reorder, cache)
 
 
+def grow_cache(config: ModelConfig, cache: dict, capacity: int) -> dict:
+    """The cache with capacity slots: its per-row leaves padded along the length axis.
+
+    The new slots are never read before they are written: each step's mask stops at its index.
+    """
+    axis = 2 if config.scan_layers else 1
+
+    def grow(path: tuple[Any, ...], leaf: Array) -> Array:
+        if getattr(path[-1], "key", None) not in PER_ROW_CACHE:
+            return leaf
+        pad = [(0, 0)] * leaf.ndim
+        pad[axis] = (0, capacity - leaf.shape[axis])
+        return jnp.pad(leaf, pad)
+
+    return jax.tree_util.tree_map_with_path(grow, cache)
+
+
 def stack_layer_params(params: dict) -> dict:
     """Convert unscanned params (layer_0, layer_1, ...) to the scan_layers=True layout."""
     out = dict(params)

@@ -1,0 +1,1 @@
+"""Model formats of other tools: CTranslate2 (serving) and, read and written, Hugging Face."""
