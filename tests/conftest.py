@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -112,3 +113,17 @@ def checkpoint_params(workdir: Path, step: int) -> list:
     params, step_read = run.restore_params(step, abstract)
     assert step_read == step
     return [np.asarray(x) for x in jax.tree.leaves(params)]
+
+
+def run_module(module: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """python -m module args, from the repository root, CPU only."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        input=stdin,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )

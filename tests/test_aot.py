@@ -186,9 +186,11 @@ def test_aot_refuses_what_train_refuses(
 def test_beam_search_compiles_for_v5e_4() -> None:
     from configs import default
 
-    report = aot.run_decode(default.get_config(), "v5e-4")
+    config = default.get_config()
+    config.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}  # training's mesh; load() is dp
+    report = aot.run_decode(config, "v5e-4", batch_size=16)
     assert report.num_chips == 4 and report.mesh == {"data": 4, "fsdp": 1, "tensor": 1}
-    assert (report.sentences, report.src_len, report.beam_size) == (128, 64, 4)
+    assert (report.sentences, report.src_len, report.beam_size) == (16, 64, 4)
     assert report.max_length == 96  # config.decode.max_length caps 64 + 50
     assert 0 < report.temp_gib < report.peak_gib < report.capacity_gib == 16.0 and report.fits
     assert "beam search" in aot.format_decode_report(report)

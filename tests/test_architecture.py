@@ -40,7 +40,7 @@ ALLOWED: dict[str, set[str]] = {
         "interop",
     },
     # Other tools' model formats: built from our config, parameters and tokenizer.
-    "interop": {"config", "model", "data", "sharding", "state", "workdir"},
+    "interop": {"config", "model", "data"},
     "training": {"config", "model", "data", *SHARED, "inference"},
     "cli": {"inference"},
     "cpu_malloc": set(),

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import run_module
 
 import transformer_jax
 from transformer_jax import sharding
@@ -124,20 +121,6 @@ def test_averaging_two_checkpoints_gives_the_elementwise_mean(
         average_main(["--workdir", str(trained_workdir), "--last", "2", "--output", str(out)])
     with pytest.raises(SystemExit, match="--last 9"):
         average_main(["--workdir", str(trained_workdir), "--last", "9"])
-
-
-def run_module(module: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    """python -m module args, from the repository root, CPU only."""
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        input=stdin,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
 
 
 @pytest.mark.slow

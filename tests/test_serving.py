@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -13,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import run_module
 
 from transformer_jax import evaluation, load
 from transformer_jax.config import EOS_ID, ModelConfig
@@ -82,6 +79,7 @@ VARIANTS = {
         "embedding_sharing": "none",
         "use_bias": False,
     },
+    "gqa_two_kv_heads_of_four": {"num_heads": 4, "num_kv_heads": 2},
     "gelu_target_sharing_scanned": {
         "feed_forward": "gelu",
         "embedding_sharing": "target",
@@ -94,16 +92,16 @@ VARIANTS = {
 def test_every_variant_scores_as_ours(variant: str, trained_workdir: Path, tmp_path: Path) -> None:
     """CTranslate2's teacher-forced log-probs of a random model equal ours (1e-4)."""
     tokenizer = Workdir(trained_workdir).load_tokenizer()
+    overrides = {"num_heads": 2, **VARIANTS[variant]}
     config = ModelConfig.preset(
         "tiny",
         vocab_size=tokenizer.vocab_size + 3,  # rows past the pieces export as padding tokens
         d_model=32,
-        num_heads=2,
         d_ff=64,
         num_encoder_layers=2,
         num_decoder_layers=2,
         max_len=48,
-        **VARIANTS[variant],
+        **overrides,
     )
     model = Transformer(config)
     dummy = jnp.ones((1, 4), jnp.int32)
@@ -146,20 +144,6 @@ def test_a_switch_without_a_mapping_is_refused_by_name(
     with pytest.raises(ValueError, match=r"ModelConfig\.norm_type='layernorm' \(no CTranslate2"):
         export_ctranslate2(trained_workdir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-
-
-def run_module(module: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    """python -m module args, from the repository root, CPU only."""
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        input=stdin,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
 
 
 @pytest.mark.slow

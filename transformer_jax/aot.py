@@ -406,21 +406,27 @@ def compile_beam_search(
     *,
     beam_size: int = 4,
     alpha: float = 0.6,
+    batch_size: int = 32,
 ) -> tuple[Any, DecodeReport]:
     """Lower and compile the translator's beam search for the topology (the same decoder).
 
-    The batch is config.data.eval_batch_size rows per host of config.data.max_source_length
-    tokens, decoding up to config.decode.max_length tokens; the parameters are sharded as load()
-    shards them on that mesh.
+    As `load()` + `Translator.translate` run it: a data-parallel mesh over every chip
+    (parameters replicated), batch_size sentences per host of config.data.max_source_length
+    tokens, decoding up to config.decode.max_length tokens.
     """
     from transformer_jax.inference.engine import DecodeSettings, JaxEngine
     from transformer_jax.state import abstract_train_state
 
-    model_config = experiment.validate(config, devices)
-    mesh = topology_mesh(config, devices)
+    model_config = experiment.validate(config)
+    mesh = sharding.make_mesh(sharding.DATA_PARALLEL, devices)
     rules = sharding.rules_from_config(config.mesh.logical_axis_rules)
     num_hosts = len({d.process_index for d in devices})
-    rows = config.data.eval_batch_size * num_hosts
+    per_host = len(devices) // num_hosts
+    if batch_size % per_host:
+        raise ValueError(
+            f"--decode_batch_size={batch_size} must be a multiple of the {per_host} chips per host"
+        )
+    rows = batch_size * num_hosts
     src_len = config.data.max_source_length
     settings = DecodeSettings(
         beam_size=beam_size,
@@ -443,8 +449,8 @@ def compile_beam_search(
             if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower():
                 raise DoesNotFitError(
                     f"does not fit: beam search does not fit {topology.chip.hbm_gib:g} GiB of "
-                    f"HBM per chip on {topology.name}; lower config.data.eval_batch_size or "
-                    f"config.decode.max_length\nXLA: {_first_line(e)}"
+                    f"HBM per chip on {topology.name}; lower --decode_batch_size or "
+                    f"config.decode.max_length (XLA: {_first_line(e)})"
                 ) from e
             raise
         compile_s = time.perf_counter() - start
@@ -495,10 +501,12 @@ def _devices_for(topology_name: str) -> tuple[Topology, list[Any]]:
     return topology, topology_devices(topology)
 
 
-def run_decode(config: ml_collections.ConfigDict, topology_name: str) -> DecodeReport:
+def run_decode(
+    config: ml_collections.ConfigDict, topology_name: str, batch_size: int = 32
+) -> DecodeReport:
     """Compile beam search of `config` for `topology_name` and return the report."""
     topology, devices = _devices_for(topology_name)
-    _, report = compile_beam_search(config, topology, devices)
+    _, report = compile_beam_search(config, topology, devices, batch_size=batch_size)
     return report
 
 
@@ -530,8 +538,11 @@ def main() -> None:
         "mode",
         "train",
         ["train", "decode"],
-        "train: the train step; decode: beam search (beam 4, config.data.eval_batch_size "
-        "sentences per host, config.decode.max_length output tokens).",
+        "train: the train step; decode: the translator's beam search (beam 4, "
+        "--decode_batch_size sentences per host, config.decode.max_length output tokens).",
+    )
+    decode_batch_flag = flags.DEFINE_integer(
+        "decode_batch_size", 32, "With --mode=decode: sentences per host and batch."
     )
     flags.mark_flag_as_required("topology")
 
@@ -548,7 +559,9 @@ def main() -> None:
             # Name the report after the file the user passed (configs carry no name field).
             config_file = config_flags.get_config_filename(flags.FLAGS["config"])
             if mode_flag.value == "decode":
-                decoded = run_decode(config_flag.value, str(topology_flag.value))
+                decoded = run_decode(
+                    config_flag.value, str(topology_flag.value), decode_batch_flag.value
+                )
                 decoded = dataclasses.replace(decoded, config=decoded.config or config_file)
                 text = format_decode_report(decoded)
                 print(json.dumps(dataclasses.asdict(decoded)) if json_flag.value else text)

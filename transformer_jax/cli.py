@@ -34,8 +34,11 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--compute_type",
-        default="default",
+        default=None,
         help="with --engine ctranslate2: CTranslate2's compute type (default, int8, float32...)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="with --engine ctranslate2: cpu (default) or cuda"
     )
     parser.add_argument("--method", choices=["beam", "greedy", "sample"], default="beam")
     parser.add_argument("--beam_size", type=int, default=4, help="paper: 4")
@@ -59,8 +62,19 @@ def load_translator(args: argparse.Namespace) -> Any:
 
     if args.engine == "ctranslate2" and args.step is not None:
         raise SystemExit("error: --step: an exported CTranslate2 model holds one step already")
+    if args.engine == "jax" and (args.compute_type or args.device):
+        raise SystemExit(
+            "error: --compute_type and --device are CTranslate2's; add --engine ctranslate2 "
+            "(the JAX engine runs where JAX_PLATFORMS says)"
+        )
     try:
-        return load(args.workdir, args.step, engine=args.engine, compute_type=args.compute_type)
+        return load(
+            args.workdir,
+            args.step,
+            engine=args.engine,
+            compute_type=args.compute_type or "default",
+            device=args.device or "cpu",
+        )
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from e
 
@@ -78,6 +92,7 @@ def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             temperature=args.temperature,
             top_k=args.top_k,
             seed=args.seed,
+            nbest=max(1, getattr(args, "nbest", 1)),
         )
     except ValueError as e:
         raise SystemExit(f"error: --{e}") from e

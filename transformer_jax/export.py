@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -47,10 +46,9 @@ def export_ctranslate2(
     from transformer_jax.state import abstract_train_state
     from transformer_jax.workdir import Workdir
 
-    output = Path(output)
-    if output.exists() and not force:
-        raise ValueError(f"{output}: already exists; pass --force to overwrite it")
+    output = Path(os.path.abspath(output))
     run = Workdir(workdir)
+    _check_output(output, Path(os.fspath(run.path)), force)
     config = run.read_model_config()
     tokenizer = run.load_tokenizer(config.vocab_size)
     mesh = sharding.make_mesh(sharding.DATA_PARALLEL)
@@ -79,10 +77,32 @@ def export_ctranslate2(
         staged = Path(tmp) / "model"
         staged.mkdir()
         spec.save(str(staged))
-        if output.exists():  # --force
-            shutil.rmtree(output)
-        staged.rename(output)
+        try:
+            if output.exists():  # --force, checked to be an earlier export or empty
+                old = Path(tmp) / "old"
+                output.rename(old)  # deleted with the temporary folder, after the swap
+            staged.rename(output)
+        except OSError as e:
+            raise ValueError(f"{output}: cannot write the model there ({e})") from e
     return output
+
+
+def _check_output(output: Path, workdir: Path, force: bool) -> None:
+    """Refuse an output that would overwrite a workdir, or anything but an earlier export."""
+    if not workdir.is_absolute():
+        return  # a URL workdir (gs://...) cannot be a local output folder
+    if output == workdir or workdir in output.parents or output in workdir.parents:
+        raise ValueError(f"{output}: is, holds or lies inside the workdir {workdir}; pick another")
+    if not output.exists():
+        return
+    if not force:
+        raise ValueError(f"{output}: already exists; pass --force to overwrite it")
+    if output.is_dir() and ((output / EXPORT_META).exists() or not any(output.iterdir())):
+        return
+    raise ValueError(
+        f"{output}: --force replaces only an earlier export (a folder with {EXPORT_META}) or an "
+        "empty folder; this is neither, so it is left alone"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -54,9 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     quiet_libraries()
-    decoding = decoding_kwargs(args)
     if args.nbest < 0:
         raise SystemExit(f"error: --nbest={args.nbest}: must be >= 0")
+    decoding = decoding_kwargs(args)  # checks --nbest against --method and --beam_size too
 
     from transformer_jax import evaluation
     from transformer_jax.data.sources import read_lines
@@ -70,17 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     translator = load_translator(args)
     # A progress bar for files and pipes; not when someone types lines interactively.
     progress = bool(args.input) or not sys.stdin.isatty()
-    try:
-        if args.nbest:
-            found = translator.translate_nbest(
-                lines, nbest=args.nbest, progress=progress, **decoding
-            )
-            text = nbest_lines(found, args.nbest)
-        else:
-            outputs = translator.translate(lines, progress=progress, **decoding)
-            text = evaluation.as_lines(outputs)  # one line out per line in
-    except ValueError as e:  # e.g. --nbest above --beam_size
-        raise SystemExit(f"error: {e}") from e
+    if args.nbest:
+        found = translator.translate_nbest(lines, nbest=args.nbest, progress=progress, **decoding)
+        text = nbest_lines(found, args.nbest)
+    else:
+        outputs = translator.translate(lines, progress=progress, **decoding)
+        text = evaluation.as_lines(outputs)  # one line out per line in
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)

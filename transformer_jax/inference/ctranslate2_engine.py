@@ -8,8 +8,12 @@ never emit them. What differs, and is documented in docs/inference.md:
 * the length penalty: CTranslate2 divides a hypothesis's log-probability by |Y| ** alpha where
   ours uses ((5 + |Y|) / 6) ** alpha (GNMT), so beam search may rank hypotheses differently;
   the scores returned are CTranslate2's own;
-* the output cap: CTranslate2 takes one maximum length per batch, the batch's longest source +
-  extra_length; a hypothesis longer than its own source's cap is cut there (EOS kept last).
+* the output cap: CTranslate2 takes one maximum length per batch, the batch's padded source
+  bucket + extra_length; a hypothesis longer than its own source's cap is cut there (EOS kept
+  last), where ours would have scored a forced EOS;
+* the stop rule: CTranslate2 ends a sentence's beam search once beam_size hypotheses finished
+  (patience 1), ours once no alive one can still beat the worst finished.
+Minimum length (none: an empty output is allowed) and never emitting PAD or BOS are the same.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from transformer_jax.config import BOS_ID, EOS_ID, PAD_ID, ModelConfig
 from transformer_jax.data.tokenizer import Tokenizer
 from transformer_jax.evaluation import Decoded, DecodeRows
 from transformer_jax.inference.engine import DecodeSettings
-from transformer_jax.interop.ctranslate2 import EXPORT_META, EXPORT_TOKENIZER
+from transformer_jax.interop.ctranslate2 import EXPORT_META, EXPORT_TOKENIZER, vocabulary
 
 
 class CTranslate2Engine:
@@ -64,8 +68,9 @@ class CTranslate2Engine:
             inter_threads=1,
             intra_threads=threads,
         )
-        sp = self.tokenizer.processor
-        self._pieces = [sp.id_to_piece(i) for i in range(self.tokenizer.vocab_size)]
+        # The exported vocabulary itself: pieces, then the padding rows' names (their own ids).
+        self._pieces = vocabulary(self.tokenizer, self.config.vocab_size)
+        self._ids = {piece: i for i, piece in enumerate(self._pieces)}
         self._suppressed = [[self._pieces[PAD_ID]], [self._pieces[BOS_ID]]]
 
     def bind(self, params: Any, settings: DecodeSettings) -> DecodeRows:
@@ -75,7 +80,6 @@ class CTranslate2Engine:
 
     def decode_rows(self, settings: DecodeSettings, src_rows: np.ndarray, number: int) -> Decoded:
         """This process's rows [b, S] (EOS then PAD) -> their n best, in our token ids."""
-        del number  # CTranslate2's sampling draws from its own seed
         lengths = (src_rows != PAD_ID).sum(axis=1)
         real = [row for row in range(len(src_rows)) if lengths[row] > 0]
         width = settings.output_length(src_rows.shape[1], self.config.max_len)
@@ -84,35 +88,37 @@ class CTranslate2Engine:
         if not real:
             return Decoded(tokens_BxNxT, scores_BxN)
         batch = [[self._pieces[i] for i in src_rows[row, : lengths[row]]] for row in real]
-        results = self.translator.translate_batch(batch, **self._options(settings, width))
+        results = self.translator.translate_batch(batch, **self._options(settings, width, number))
         for row, result in zip(real, results, strict=True):
             cap = min(int(lengths[row]) + settings.extra_length, width)
             for n, (pieces, score) in enumerate(zip(result.hypotheses, result.scores, strict=True)):
-                ids = [self.tokenizer.processor.piece_to_id(p) for p in pieces][: cap - 1]
+                ids = [self._ids[p] for p in pieces][: cap - 1]
                 tokens_BxNxT[row, n, : len(ids) + 1] = [*ids, EOS_ID]
                 scores_BxN[row, n] = score
         return Decoded(tokens_BxNxT, scores_BxN)
 
-    def _options(self, settings: DecodeSettings, width: int) -> dict[str, Any]:
-        """translate_batch's keyword arguments for our settings."""
+    def _options(self, settings: DecodeSettings, width: int, number: int) -> dict[str, Any]:
+        """translate_batch's keyword arguments for our settings (batch `number` of a call)."""
         options: dict[str, Any] = {
             # Our lengths count EOS; CTranslate2's maximum counts the tokens before it.
             "max_decoding_length": width - 1,
+            "min_decoding_length": 0,  # its default 1 would forbid an empty output
             "max_input_length": 0,  # the sources were truncated by our own rule already
             "num_hypotheses": settings.nbest,
             "return_scores": True,
             "suppress_sequences": self._suppressed,
         }
-        if settings.method == "sample":
+        if settings.method == "sample" and settings.temperature > 0:
             import ctranslate2
 
-            ctranslate2.set_random_seed(settings.seed)  # its sampling draws from a global seed
+            # Its sampling draws from one global seed; ours folds in the batch number too.
+            ctranslate2.set_random_seed(settings.seed + number)
             options.update(
                 beam_size=1,
                 sampling_topk=settings.top_k,  # 0: the whole vocabulary, as ours
                 sampling_temperature=settings.temperature,
             )
-        elif settings.method == "greedy":
+        elif settings.method != "beam":  # greedy, and sampling at temperature 0 (argmax)
             options["beam_size"] = 1
         else:
             options.update(beam_size=settings.beam_size, length_penalty=settings.alpha)

@@ -48,7 +48,8 @@ def length_penalty(length: ArrayLike, alpha: float) -> Array:
 def output_limits(src_ids_BxS: Array, extra_length: int, max_length: int) -> Array:
     """Per-sentence output cap: source length + extra_length (section 6.1 uses +50)."""
     src_len_B = jnp.sum(src_ids_BxS != PAD_ID, axis=-1)
-    return jnp.minimum(src_len_B + extra_length, max_length)
+    # An all-PAD row (batch padding) ends at once instead of decoding extra_length tokens.
+    return jnp.where(src_len_B == 0, 1, jnp.minimum(src_len_B + extra_length, max_length))
 
 
 def cache_capacities(max_length: int) -> list[int]:
@@ -155,6 +156,7 @@ def _sequential_decode(
     extra_length: int,
     min_length: int,
     alpha: float,
+    with_scores: bool,
 ) -> tuple[Array, Array]:
     """One token per step per sentence, picked by choose(step, masked_logits_BxV) -> [B].
 
@@ -176,7 +178,10 @@ def _sequential_decode(
         # At the cap EOS is the only choice.
         token_B = jnp.where(s.step + 1 >= limit_B, EOS_ID, token_B).astype(jnp.int32)
         token_B = jnp.where(s.finished_B, PAD_ID, token_B)
-        logp_B = logits_BxV[rows_B, token_B] - jax.nn.logsumexp(logits_BxV, axis=-1)
+        if with_scores:
+            logp_B = logits_BxV[rows_B, token_B] - jax.nn.logsumexp(logits_BxV, axis=-1)
+        else:  # a pass over V per step saved
+            logp_B = jnp.zeros_like(s.logp_B)
         return _SequenceState(
             step=s.step + 1,
             cache=cache,
@@ -239,6 +244,7 @@ def greedy_decode(
         extra_length=extra_length,
         min_length=min_length,
         alpha=alpha,
+        with_scores=return_scores,
     )
     return (out_BxT, score_B) if return_scores else out_BxT
 
@@ -285,6 +291,7 @@ def sample_decode(
         extra_length=extra_length,
         min_length=min_length,
         alpha=alpha,
+        with_scores=return_scores,
     )
     return (out_BxT, score_B) if return_scores else out_BxT
 
@@ -420,12 +427,14 @@ def _beam_choices(
     rows_Bx1 = jnp.arange(B)[:, None]
     eos_BxW = logp_BWxV[:, EOS_ID].reshape(B, W)  # at the cap EOS is allowed whatever min_length
     masked_BWxV = _mask_columns(logp_BWxV, i, min_length)
-    # Each beam's best 2W tokens hold every one of the joint best 2W among W x V.
-    top_logp_BWx2W, top_token_BWx2W = jax.lax.top_k(masked_BWxV, 2 * W)
-    total_BxWx2W = state.alive_logp_BxW[:, :, None] + top_logp_BWx2W.reshape(B, W, 2 * W)
-    cand_logp_Bx2W, flat_Bx2W = jax.lax.top_k(total_BxWx2W.reshape(B, W * 2 * W), 2 * W)
-    cand_parent_Bx2W = flat_Bx2W // (2 * W)
-    cand_token_Bx2W = top_token_BWx2W.reshape(B, W * 2 * W)[rows_Bx1, flat_Bx2W]
+    # Each beam's best 2W tokens hold every one of the joint best 2W among W x V. Ranked on
+    # the totals (alive + token), so float ties break exactly as one top-k over W x V would.
+    k = min(2 * W, masked_BWxV.shape[-1])
+    total_BWxV = state.alive_logp_BxW.reshape(-1)[:, None] + masked_BWxV
+    top_total_BWxk, top_token_BWxk = jax.lax.top_k(total_BWxV, k)
+    cand_logp_Bx2W, flat_Bx2W = jax.lax.top_k(top_total_BWxk.reshape(B, W * k), 2 * W)
+    cand_parent_Bx2W = flat_Bx2W // k
+    cand_token_Bx2W = top_token_BWxk.reshape(B, W * k)[rows_Bx1, flat_Bx2W]
     # At its cap a sentence's only candidates are its beams' EOS extensions.
     cap_logp_Bx2W, cap_parent_Bx2W = jax.lax.top_k(
         jnp.concatenate(
