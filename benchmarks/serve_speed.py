@@ -193,7 +193,7 @@ def end_to_end_table(args: argparse.Namespace, root: Path) -> None:
             start = time.perf_counter()
             hypotheses = translator.translate(sources, **options)
             seconds = time.perf_counter() - start
-            tokens = sum(len(translator.tokenizer.encode(h)) + 1 for h in hypotheses)
+            tokens = sum(len(translator.tokenizer.encode(h, side="target")) + 1 for h in hypotheses)
             bleu = evaluation.score(hypotheses, references)["bleu"]
             rates[name] = len(sources) / seconds
             print(

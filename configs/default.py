@@ -16,6 +16,9 @@ def get_config() -> ml_collections.ConfigDict:
     # place its values live (PRESETS in transformer_jax/config.py; docs/model.md explains each
     # switch). Override any field here or with --config.model.FIELD=value.
     config.model = model_section("tiny")
+    # True: the model is the workdir's model_config.json (an imported one, for fine-tuning:
+    # configs/finetune.py), and config.model is ignored.
+    config.model_from_workdir = False
 
     config.data = ml_collections.ConfigDict()
     config.data.kind = "builtin"  # "builtin" | "tfds" | "text" | "tsv" (docs/data.md).

@@ -16,7 +16,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "transformer_jax"
 SHARED = {"sharding", "state", "workdir", "experiment", "evaluation"}
 LIBRARY = {"config", "model", "data", *SHARED, "inference", "training", "interop"}
-COMMANDS = {"aot", "evaluate", "translate", "average", "export"}
+COMMANDS = {"aot", "evaluate", "translate", "average", "export", "convert"}
 # What each unit may import (docs/architecture.md, "may import"); a unit always may import
 # itself. Commands may import any library unit and the shared flags in `cli`.
 ALLOWED: dict[str, set[str]] = {

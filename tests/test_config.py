@@ -41,6 +41,9 @@ def test_preset_overrides_and_unknown_names() -> None:
         ({"num_encoder_layers": 0}, "num_encoder_layers"),
         ({"vocab_size": 3}, "vocab_size"),
         ({"d_ff": 2.5}, "d_ff"),
+        ({"decoder_start_id": 1}, "decoder_start_id"),  # EOS cannot start the decoder
+        ({"decoder_start_id": 37000}, "decoder_start_id"),
+        ({"feed_forward": "geglu"}, "feed_forward"),
         (
             {"attention_impl": "dot_product", "attention_dropout_rate": 0.1},
             "attention_dropout_rate",

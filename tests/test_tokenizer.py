@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import random
 from pathlib import Path
@@ -14,6 +15,7 @@ from transformer_jax.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.data.tokenizer import (
     Tokenizer,
+    VocabTokenizer,
     check_vocab,
     load_or_train_tokenizer,
     train_tokenizer,
@@ -211,3 +213,52 @@ def test_check_vocab(tokenizer: Tokenizer) -> None:
         check_vocab(tokenizer, 64, "configs/x.py")
     message = str(e.value)
     assert "vocab_size=64" in message and "120 pieces" in message and tokenizer.path in message
+
+
+def _marian_style(tmp_path: Path, tokenizer: Tokenizer) -> tuple[Path, Path, Path]:
+    """A source/target/vocab.json trio as an import writes it: our special ids, two models."""
+    sp = tokenizer.processor
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())] + [">>deu<<"]
+    (tmp_path / "vocab.json").write_text(json.dumps({p: i for i, p in enumerate(pieces)}))
+    target = train_tokenizer(_sentences(seed=1), tmp_path / "target", vocab_size=100)
+    return (tmp_path / "vocab.json"), Path(tokenizer.path), Path(target.path)
+
+
+def test_vocab_tokenizer_cuts_each_side_with_its_model(
+    tmp_path: Path, tokenizer: Tokenizer
+) -> None:
+    vocab, source, target = _marian_style(tmp_path, tokenizer)
+    vocab_tok = VocabTokenizer.load_files(source, target, vocab)
+    table = json.loads(vocab.read_text())
+    text = "the big red cat sees der hund"
+    # Pieces of each side's model, numbered by vocab.json (a piece it lacks is unk).
+    for side, model in (("source", source), ("target", target)):
+        cut = spm.SentencePieceProcessor(model_file=str(model)).encode(text, out_type=str)
+        assert vocab_tok.encode(text, side=side) == [table.get(p, UNK_ID) for p in cut]
+    assert vocab_tok.encode_batch([text, "the cat"], side="target")[1] == vocab_tok.encode(
+        "the cat", side="target"
+    )
+    # A leading language code is one token, as MarianTokenizer keeps it.
+    assert vocab_tok.encode(">>deu<< the cat")[0] == table[">>deu<<"]
+    assert vocab_tok.encode(">>deu<< the cat")[1:] == vocab_tok.encode(" the cat")
+    ids = vocab_tok.encode("the red tree")
+    assert vocab_tok.decode([*ids, EOS_ID, 7]) == "the red tree"
+    assert vocab_tok.decode([PAD_ID, *ids]) == "the red tree"
+    assert vocab_tok.vocab_size == len(table)
+    clone = pickle.loads(pickle.dumps(vocab_tok))
+    assert clone.encode(text, side="target") == vocab_tok.encode(text, side="target")
+
+
+def test_bad_vocab_json_is_refused_naming_the_file(tmp_path: Path, tokenizer: Tokenizer) -> None:
+    vocab, source, target = _marian_style(tmp_path, tokenizer)
+    vocab.write_text(json.dumps({"a": 0, "b": 0}))
+    with pytest.raises(ValueError, match=r"vocab\.json: id 0 of 'b' is repeated"):
+        VocabTokenizer.load_files(source, target, vocab)
+    vocab.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"vocab\.json: expected one JSON object"):
+        VocabTokenizer.load_files(source, target, vocab)
+    vocab.write_text("{")
+    with pytest.raises(ValueError, match=r"vocab\.json: not valid JSON"):
+        VocabTokenizer.load_files(source, target, vocab)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        VocabTokenizer.load_files(source, target, tmp_path / "absent.json")

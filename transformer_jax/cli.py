@@ -1,10 +1,11 @@
-"""Shared command-line pieces: decoding flags and quiet library logging."""
+"""Shared command-line pieces: decoding flags, quiet library logging, safe output folders."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 
@@ -113,3 +114,39 @@ def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "top_k": args.top_k,
         "seed": args.seed,
     }
+
+
+def check_output(output: Path, workdir: Path, force: bool, marker: str) -> None:
+    """Refuse an output folder that would overwrite a workdir, or anything but an earlier export.
+
+    An earlier export is a folder holding `marker` (the file each export writes); with --force
+    it, or an empty folder, may be replaced. Everything else is left alone.
+    """
+    if not workdir.is_absolute():
+        return  # a URL workdir (gs://...) cannot be a local output folder
+    if output == workdir or workdir in output.parents or output in workdir.parents:
+        raise ValueError(f"{output}: is, holds or lies inside the workdir {workdir}; pick another")
+    if not output.exists():
+        return
+    if not force:
+        raise ValueError(f"{output}: already exists; pass --force to overwrite it")
+    if output.is_dir() and ((output / marker).exists() or not any(output.iterdir())):
+        return
+    raise ValueError(
+        f"{output}: --force replaces only an earlier export (a folder with {marker}) or an "
+        "empty folder; this is neither, so it is left alone"
+    )
+
+
+def move_into_place(staged: Path, output: Path, scratch: Path) -> None:
+    """Rename a finished folder to output, moving an existing one into scratch first.
+
+    scratch is a temporary folder on the same filesystem, deleted by the caller afterwards, so
+    the old export is only gone once the new one is in place.
+    """
+    try:
+        if output.exists():  # --force, checked by check_output to be an earlier export or empty
+            output.rename(scratch / "old")
+        staged.rename(output)
+    except OSError as e:
+        raise ValueError(f"{output}: cannot write the model there ({e})") from e

@@ -24,7 +24,8 @@ DType = Literal["float32", "bfloat16", "float16"]
 NormPosition = Literal["post", "pre"]
 NormType = Literal["layernorm", "rmsnorm"]
 PositionEncoding = Literal["sinusoidal", "learned"]
-FeedForward = Literal["relu", "gelu", "swiglu"]
+# swish: silu(x W1 + b1) W2 + b2, not gated (Marian / OPUS-MT); swiglu is the gated form.
+FeedForward = Literal["relu", "gelu", "swish", "swiglu"]
 EmbeddingSharing = Literal["all", "target", "none"]
 AttentionImpl = Literal["einsum", "dot_product"]
 PresetName = Literal["tiny", "base", "big"]
@@ -59,6 +60,11 @@ class ModelConfig:
     feed_forward: FeedForward = "relu"
     # Biases on attention and FFN projections (the paper's count includes them).
     use_bias: bool = True
+    # A bias on the pre-softmax projection (Marian's final_logits_bias; not in the paper).
+    logits_bias: bool = False
+    # The decoder's first input token. BOS_ID for our vocabularies; models imported from
+    # Marian start from their pad piece, which the import renumbers to PAD_ID.
+    decoder_start_id: int = BOS_ID
     dtype: DType = "float32"
     param_dtype: DType = "float32"
     attention_impl: AttentionImpl = "einsum"
@@ -96,6 +102,12 @@ class ModelConfig:
             f"must exceed the {NUM_RESERVED_IDS} reserved ids (pad, eos, unk, bos)",
         )
         _require(self.layer_norm_epsilon > 0, "layer_norm_epsilon", "must be positive")
+        _require(
+            0 <= self.decoder_start_id < self.vocab_size and self.decoder_start_id != EOS_ID,
+            "decoder_start_id",
+            f"{self.decoder_start_id} must be a token id below vocab_size={self.vocab_size} "
+            f"other than EOS ({EOS_ID})",
+        )
         _require(
             not (self.attention_impl == "dot_product" and self.attention_dropout_rate > 0),
             "attention_dropout_rate",

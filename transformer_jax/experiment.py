@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 
 from transformer_jax import sharding
 from transformer_jax.config import ModelConfig
@@ -29,6 +30,7 @@ def model_section(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
 # Fields added after configs were first written: a config file or a workdir's config.json
 # without them gets these values (their meaning when the field did not exist).
 LATER_FIELDS: dict[str, Any] = {
+    "model_from_workdir": False,
     "optim.skip_nonfinite_updates": False,
     "optim.max_nonfinite_in_a_row": 10,
     "data.reshard_on_resume": False,
@@ -39,10 +41,32 @@ def fill_later_fields(config: ml_collections.ConfigDict) -> None:
     """Add the LATER_FIELDS a config lacks, in place (older config files and workdirs)."""
     for dotted, value in LATER_FIELDS.items():
         section_name, _, name = dotted.rpartition(".")
-        section = _lookup(config, section_name)
+        section = _lookup(config, section_name) if section_name else config
         if name not in section:
             with section.unlocked():
                 section[name] = value
+
+
+def adopt_workdir_model(
+    config: ml_collections.ConfigDict, model_config_path: epath.Path
+) -> ml_collections.ConfigDict:
+    """The config, its model section replaced by the workdir's when model_from_workdir is set.
+
+    For fine-tuning a model that came from elsewhere (convert --from-huggingface): the workdir's
+    model_config.json is the model, whatever config.model says.
+    """
+    fill_later_fields(config)
+    if not config.model_from_workdir:
+        return config
+    if not model_config_path.exists():
+        raise FileNotFoundError(
+            f"{model_config_path}: missing, but config.model_from_workdir=True takes the "
+            "model from it; point --workdir at an imported workdir (python -m "
+            "transformer_jax.convert --from-huggingface HF_DIR --workdir DIR writes one)"
+        )
+    adopted = ml_collections.ConfigDict(config.to_dict())
+    adopted.model = ml_collections.ConfigDict(ModelConfig.load(model_config_path).to_dict())
+    return adopted
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -90,7 +114,8 @@ def validate(
             f"exceeds model.max_len={model.max_len}",
         ),
         (
-            config.data.tokenizer.vocab_size <= model.vocab_size,
+            # An adopted model comes with its workdir's vocabulary (check_vocab checks that one).
+            config.model_from_workdir or config.data.tokenizer.vocab_size <= model.vocab_size,
             "data.tokenizer.vocab_size",
             f"exceeds model.vocab_size={model.vocab_size}",
         ),

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from transformer_jax.cli import quiet_libraries
+from transformer_jax.cli import check_output, move_into_place, quiet_libraries
 from transformer_jax.interop.ctranslate2 import EXPORT_META, EXPORT_TOKENIZER
 
 FORMATS = ("ctranslate2",)
@@ -41,20 +41,26 @@ def export_ctranslate2(
             'ctranslate2 is not installed: pip install -e ".[serve]" (or pip install ctranslate2)'
         ) from e
 
-    from transformer_jax import sharding
+    from transformer_jax.inference.translator import load
     from transformer_jax.interop.ctranslate2 import build_spec
-    from transformer_jax.state import abstract_train_state
     from transformer_jax.workdir import Workdir
 
     output = Path(os.path.abspath(output))
     run = Workdir(workdir)
-    _check_output(output, Path(os.fspath(run.path)), force)
+    check_output(output, Path(os.fspath(run.path)), force, marker=EXPORT_META)
     config = run.read_model_config()
-    tokenizer = run.load_tokenizer(config.vocab_size)
-    mesh = sharding.make_mesh(sharding.DATA_PARALLEL)
-    abstract = abstract_train_state(config, mesh, sharding.DEFAULT_RULES).params
-    params, found = run.restore_params(step, abstract)
-    spec = build_spec(config, params, tokenizer)
+    if run.has_marian_vocabulary:
+        # Our CTranslate2 engine reads one shared sentencepiece model; this vocabulary has two.
+        raise ValueError(
+            f"{run.path}: its vocabulary is an imported Marian one ({Workdir.VOCAB}, "
+            f"{Workdir.SOURCE_SPM}, {Workdir.TARGET_SPM}), which --format ctranslate2 does not "
+            "export; write a Hugging Face folder (python -m transformer_jax.convert --workdir "
+            "DIR --to-huggingface OUT, Marian's layout again) and convert that with CTranslate2's "
+            "ct2-transformers-converter --model OUT --output_dir OUT.ct2"
+        )
+    model = load(run, step)
+    found = model.step
+    spec = build_spec(config, model.params, model.tokenizer)
     experiment = run.read_experiment_config()
     meta = {
         "format_version": 1,
@@ -77,32 +83,8 @@ def export_ctranslate2(
         staged = Path(tmp) / "model"
         staged.mkdir()
         spec.save(str(staged))
-        try:
-            if output.exists():  # --force, checked to be an earlier export or empty
-                old = Path(tmp) / "old"
-                output.rename(old)  # deleted with the temporary folder, after the swap
-            staged.rename(output)
-        except OSError as e:
-            raise ValueError(f"{output}: cannot write the model there ({e})") from e
+        move_into_place(staged, output, Path(tmp))
     return output
-
-
-def _check_output(output: Path, workdir: Path, force: bool) -> None:
-    """Refuse an output that would overwrite a workdir, or anything but an earlier export."""
-    if not workdir.is_absolute():
-        return  # a URL workdir (gs://...) cannot be a local output folder
-    if output == workdir or workdir in output.parents or output in workdir.parents:
-        raise ValueError(f"{output}: is, holds or lies inside the workdir {workdir}; pick another")
-    if not output.exists():
-        return
-    if not force:
-        raise ValueError(f"{output}: already exists; pass --force to overwrite it")
-    if output.is_dir() and ((output / EXPORT_META).exists() or not any(output.iterdir())):
-        return
-    raise ValueError(
-        f"{output}: --force replaces only an earlier export (a folder with {EXPORT_META}) or an "
-        "empty folder; this is neither, so it is left alone"
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

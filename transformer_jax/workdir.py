@@ -2,7 +2,8 @@
 
     model_config.json   the frozen ModelConfig (a checkpoint is meaningless without it)
     config.json         the experiment config the run was started with
-    tokenizer.model     the shared sentencepiece model (+ tokenizer.vocab beside it)
+    tokenizer.model     the shared sentencepiece model (+ tokenizer.vocab beside it), or, for a
+                        model imported from Marian: source.spm, target.spm and vocab.json
     checkpoints/<step>/ orbax: state (TrainState or params only), data (grain iterator, one
                         file per process), meta (RNG key, process count)
     tensorboard/        event files
@@ -31,7 +32,12 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from transformer_jax.config import ModelConfig
-from transformer_jax.data.tokenizer import Tokenizer, check_vocab, load_or_train_tokenizer
+from transformer_jax.data.tokenizer import (
+    Tokenizer,
+    VocabTokenizer,
+    check_vocab,
+    load_or_train_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +64,25 @@ class Workdir:
     EXPERIMENT_CONFIG = "config.json"
     TOKENIZER = "tokenizer.model"
     TOKENIZER_VOCAB = "tokenizer.vocab"
+    # A Marian vocabulary (python -m transformer_jax.convert --from-huggingface writes these).
+    SOURCE_SPM = "source.spm"
+    TARGET_SPM = "target.spm"
+    VOCAB = "vocab.json"
     CHECKPOINTS = "checkpoints"
     TENSORBOARD = "tensorboard"
     RESULTS = "results.json"
     AVERAGED_FROM = "averaged_from.txt"
+    IMPORTED_FROM = "imported_from.txt"
     # What makes a copy of this workdir's model usable elsewhere (average writes new workdirs).
-    METADATA = (MODEL_CONFIG, EXPERIMENT_CONFIG, TOKENIZER, TOKENIZER_VOCAB)
+    METADATA = (
+        MODEL_CONFIG,
+        EXPERIMENT_CONFIG,
+        TOKENIZER,
+        TOKENIZER_VOCAB,
+        SOURCE_SPM,
+        TARGET_SPM,
+        VOCAB,
+    )
 
     def __init__(self, path: PathLike | Workdir) -> None:
         self.path: epath.Path = path.path if isinstance(path, Workdir) else workdir_path(path)
@@ -105,6 +124,10 @@ class Workdir:
         """Record which workdir and steps an averaged workdir came from."""
         text = f"{source} steps {', '.join(map(str, steps))}\n"
         (self.path / self.AVERAGED_FROM).write_text(text)
+
+    def write_imported_from(self, text: str) -> None:
+        """Record where an imported model came from and how its ids were renumbered."""
+        (self.path / self.IMPORTED_FROM).write_text(text.rstrip("\n") + "\n")
 
     def hypotheses_path(self, name: str, step: int | None = None) -> epath.Path:
         """<name>.hyp.txt, or <name>.step<N>.hyp.txt for one checkpoint's decoding."""
@@ -176,9 +199,19 @@ class Workdir:
         if jax.process_index() == 0:
             (self.path / self.RESULTS).write_text(json.dumps(results, indent=2) + "\n")
 
+    @property
+    def has_marian_vocabulary(self) -> bool:
+        """Whether the tokenizer is an imported Marian vocabulary (vocab.json + two models)."""
+        return (self.path / self.VOCAB).exists()
+
     def load_tokenizer(self, model_vocab_size: int | None = None) -> Tokenizer:
         """The workdir's tokenizer, checked against the model's vocabulary when given."""
-        tokenizer = Tokenizer.load(self.tokenizer_path)
+        if self.has_marian_vocabulary:
+            tokenizer: Tokenizer = VocabTokenizer.load_files(
+                self.path / self.SOURCE_SPM, self.path / self.TARGET_SPM, self.path / self.VOCAB
+            )
+        else:
+            tokenizer = Tokenizer.load(self.tokenizer_path)
         if model_vocab_size is not None:
             check_vocab(tokenizer, model_vocab_size, str(self.path))
         return tokenizer
@@ -187,6 +220,9 @@ class Workdir:
         self, sentences_fn: Callable[[], Iterable[str]], vocab_size: int, **train_kwargs: Any
     ) -> Tokenizer:
         """The workdir's tokenizer, trained on sentences_fn() first if it has none."""
+        if self.has_marian_vocabulary:
+            log.info("Using the imported vocabulary %s (not training one).", self.path / self.VOCAB)
+            return self.load_tokenizer()
         return load_or_train_tokenizer(
             self.tokenizer_path, sentences_fn, vocab_size, **train_kwargs
         )
@@ -341,6 +377,12 @@ class Checkpoints:
         if iterator is not None:
             args["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator.get_state()))
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+    def params_only(self, step: int) -> bool:
+        """Whether a step holds parameters alone (written by convert or average), no train state."""
+        if self.items(step) != {"state"}:
+            return False
+        return set(self.manager.item_metadata(step)["state"].keys()) == {"params"}
 
     def items(self, step: int) -> set[str]:
         """The items a saved step holds, as orbax recorded them (state, data, meta, ...)."""

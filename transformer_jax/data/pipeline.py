@@ -41,7 +41,7 @@ import numpy as np
 from absl import logging
 
 from transformer_jax.config import EOS_ID, PAD_ID
-from transformer_jax.data.tokenizer import Tokenizer
+from transformer_jax.data.tokenizer import Side, Tokenizer
 
 Batch = dict[str, np.ndarray]
 Pair = tuple[str, str]
@@ -169,13 +169,13 @@ class _Tokenize(grain.transforms.Map):
         """Tokenize one pair."""
         source, target = element
         return {
-            "inputs": _ids_with_eos(self._tokenizer, source),
-            "targets": _ids_with_eos(self._tokenizer, target),
+            "inputs": _ids_with_eos(self._tokenizer, source, "source"),
+            "targets": _ids_with_eos(self._tokenizer, target, "target"),
         }
 
 
-def _ids_with_eos(tokenizer: Tokenizer, text: str) -> np.ndarray:
-    ids = tokenizer.encode(text)
+def _ids_with_eos(tokenizer: Tokenizer, text: str, side: Side) -> np.ndarray:
+    ids = tokenizer.encode(text, side=side)
     ids.append(EOS_ID)
     return np.asarray(ids, dtype=np.int32)
 
@@ -456,7 +456,9 @@ def make_eval_batches(
     targets = None
     if max_target_length is not None:
         host_references = [references[i] for i in indices]
-        targets, count = encode_truncated(tokenizer, host_references, max_target_length)
+        targets, count = encode_truncated(
+            tokenizer, host_references, max_target_length, side="target"
+        )
         truncated += count
     if truncated:
         logging.warning(
@@ -483,7 +485,7 @@ def make_eval_batches(
 
 
 def encode_truncated(
-    tokenizer: Tokenizer, texts: Sequence[str], max_length: int
+    tokenizer: Tokenizer, texts: Sequence[str], max_length: int, side: Side = "source"
 ) -> tuple[list[np.ndarray], int]:
     """EOS-terminated ids, cut to max_length with EOS kept last; also how many were cut.
 
@@ -491,7 +493,7 @@ def encode_truncated(
     """
     encoded = []
     cut = 0
-    for ids in tokenizer.encode_batch(list(texts)):
+    for ids in tokenizer.encode_batch(list(texts), side=side):
         if len(ids) >= max_length:
             ids = ids[: max_length - 1]
             cut += 1

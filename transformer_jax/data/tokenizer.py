@@ -8,10 +8,14 @@ uniformly (seeded reservoir sample) from the whole stream, so a WMT-sized corpus
 minutes and the same sentences always give the same model. The vocabulary limit is soft
 (`hard_vocab_limit=False`): a small corpus yields fewer pieces than asked, never an error. The
 model's `vocab_size` must then be >= `Tokenizer.vocab_size`; `check_vocab` enforces it.
+
+`VocabTokenizer` is the other layout a workdir can hold: the source and target sentencepiece
+models and the piece -> id vocabulary of a model imported from Marian (transformer_jax.convert).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -28,6 +32,8 @@ from etils import epath
 from transformer_jax.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 ModelType = Literal["bpe", "unigram"]
+# Which side a text is on: vocabularies imported from Marian cut each side with its own model.
+Side = Literal["source", "target"]
 PathLike = str | os.PathLike
 
 # sentencepiece skips (and only logs) training sentences over its max_sentence_length bytes;
@@ -79,13 +85,19 @@ class Tokenizer:
         """The wrapped sentencepiece processor."""
         return self._sp
 
-    def encode(self, text: str) -> list[int]:
-        """Piece ids of one sentence, without EOS."""
+    def encode(self, text: str, side: Side = "source") -> list[int]:
+        """Piece ids of one sentence, without EOS (one shared model: side changes nothing)."""
         return self._sp.encode(text, out_type=int)
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], num_threads: int = -1, side: Side = "source"
+    ) -> list[list[int]]:
         """Piece ids of many sentences (sentencepiece's threaded batch encoder), without EOS."""
         return self._sp.encode(list(texts), out_type=int, num_threads=num_threads)
+
+    def id_to_piece(self, i: int) -> str:
+        """The piece of one id (for vocabularies and attention-map labels)."""
+        return self._sp.id_to_piece(i)
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         """Text of ids up to the first EOS; PAD and BOS are skipped."""
@@ -120,7 +132,140 @@ class Tokenizer:
             )
 
     def __repr__(self) -> str:
-        return f"Tokenizer(path={self._path!r}, vocab_size={self.vocab_size})"
+        return f"{type(self).__name__}(path={self._path!r}, vocab_size={self.vocab_size})"
+
+
+class VocabTokenizer(Tokenizer):
+    """Two sentencepiece models (source, target) whose pieces map to ids through one vocabulary.
+
+    The layout of Marian / OPUS-MT models: source.spm and target.spm cut the text, vocab.json
+    numbers the pieces (the sentencepiece models' own ids are not used). The import writes the
+    vocabulary with pad, EOS and unk renumbered to PAD_ID, EOS_ID and UNK_ID; a piece missing
+    from it encodes as UNK_ID, as MarianTokenizer does. A leading language code such as
+    `>>fra<<` is kept as one token (multilingual OPUS-MT models read it), as MarianTokenizer does.
+    """
+
+    def __init__(
+        self,
+        source: spm.SentencePieceProcessor,
+        target: spm.SentencePieceProcessor,
+        pieces: list[str],
+        path: str,
+    ) -> None:
+        self._source = source
+        self._sp = target
+        self._pieces = pieces
+        self._ids = {piece: i for i, piece in enumerate(pieces)}
+        self._path = path
+
+    @classmethod
+    def load_files(  # type: ignore[override]
+        cls, source_spm: PathLike, target_spm: PathLike, vocab_json: PathLike
+    ) -> VocabTokenizer:
+        """Read source.spm, target.spm and vocab.json; a bad file is named with what is wrong."""
+        vocab_path = epath.Path(vocab_json)
+        pieces = read_vocab_json(vocab_path)
+        return cls(
+            _load_processor(epath.Path(source_spm)),
+            _load_processor(epath.Path(target_spm)),
+            pieces,
+            str(vocab_path),
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        """Entries of the vocabulary (special pieces included)."""
+        return len(self._pieces)
+
+    @property
+    def source_processor(self) -> spm.SentencePieceProcessor:
+        """The sentencepiece model that cuts source text (`processor` cuts target text)."""
+        return self._source
+
+    @property
+    def pieces(self) -> list[str]:
+        """Every piece, in id order."""
+        return list(self._pieces)
+
+    def encode(self, text: str, side: Side = "source") -> list[int]:
+        """Ids of one sentence, without EOS, cut by that side's sentencepiece model."""
+        return self.encode_batch([text], side=side)[0]
+
+    def encode_batch(
+        self, texts: Sequence[str], num_threads: int = -1, side: Side = "source"
+    ) -> list[list[int]]:
+        """Ids of many sentences, without EOS."""
+        processor = self._source if side == "source" else self._sp
+        split = [_split_language_code(text) for text in texts]
+        cut = processor.encode([rest for _, rest in split], out_type=str, num_threads=num_threads)
+        ids = self._ids
+        return [
+            [ids.get(piece, UNK_ID) for piece in (code + pieces)]
+            for (code, _), pieces in zip(split, cut, strict=True)
+        ]
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        """Text of ids up to the first EOS (PAD skipped), joined by the target model."""
+        kept: list[str] = []
+        for i in np.asarray(ids, dtype=np.int64).reshape(-1).tolist():
+            if i == EOS_ID:
+                break
+            if i == PAD_ID:
+                continue
+            kept.append(self.id_to_piece(i))
+        return self._sp.decode_pieces(kept)
+
+    def id_to_piece(self, i: int) -> str:
+        """The vocabulary's piece of one id (ids past it read as the unknown piece)."""
+        return self._pieces[i] if 0 <= i < len(self._pieces) else self._pieces[UNK_ID]
+
+
+def read_vocab_json(path: PathLike) -> list[str]:
+    """A Marian vocab.json ({piece: id}) as pieces in id order; ids must be 0..n-1 once each."""
+    return _pieces_in_id_order(epath.Path(path))
+
+
+def _pieces_in_id_order(path: epath.Path) -> list[str]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; a Marian vocabulary needs vocab.json")
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(table, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+        for k, v in table.items()
+    ):
+        raise ValueError(f"{path}: expected one JSON object of piece -> integer id")
+    pieces: list[str | None] = [None] * len(table)
+    for piece, i in table.items():
+        if not 0 <= i < len(table) or pieces[i] is not None:
+            raise ValueError(
+                f"{path}: id {i} of {piece!r} is repeated or outside 0..{len(table) - 1}; the "
+                "ids must number the pieces 0, 1, 2, ... once each"
+            )
+        pieces[i] = piece
+    return [p for p in pieces if p is not None]
+
+
+def _split_language_code(text: str) -> tuple[list[str], str]:
+    """(['>>xx<<'], rest) for a text starting with a language code, else ([], text)."""
+    if text.startswith(">>") and (end := text.find("<<")) != -1:
+        return [text[: end + 2]], text[end + 2 :]
+    return [], text
+
+
+def _load_processor(path: epath.Path) -> spm.SentencePieceProcessor:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing sentencepiece model")
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.LoadFromSerializedProto(path.read_bytes())
+    except (RuntimeError, OSError) as e:
+        raise ValueError(
+            f"{path}: not a valid sentencepiece model ({e}); the file is corrupt or truncated"
+        ) from e
+    return processor
 
 
 def train_tokenizer(

@@ -66,12 +66,15 @@ def cache_capacities(max_length: int) -> list[int]:
     return [*capacities, max_length]
 
 
-def _mask_columns(scores_RxV: Array, step: Array, min_length: ArrayLike) -> Array:
-    """PAD and BOS are never emitted; EOS waits for min_length (three columns, no full pass).
+def _mask_columns(
+    scores_RxV: Array, step: Array, min_length: ArrayLike, start_id: int = BOS_ID
+) -> Array:
+    """PAD and the start token are never emitted; EOS waits for min_length (no full pass).
 
-    A PAD inside a sentence would read as its end, and BOS is only the decoder's start token.
+    A PAD inside a sentence would read as its end, and the start token (config.decoder_start_id:
+    BOS, or PAD itself for imported Marian models) only ever begins the decoder's input.
     """
-    scores_RxV = scores_RxV.at[:, PAD_ID].set(_NEG_INF).at[:, BOS_ID].set(_NEG_INF)
+    scores_RxV = scores_RxV.at[:, PAD_ID].set(_NEG_INF).at[:, start_id].set(_NEG_INF)
     eos_R = jnp.where(step < min_length, _NEG_INF, scores_RxV[:, EOS_ID])
     return scores_RxV.at[:, EOS_ID].set(eos_R)
 
@@ -169,12 +172,14 @@ def _sequential_decode(
     )
     limit_B = output_limits(src_ids_BxS, extra_length, max_length)
     rows_B = jnp.arange(B)
+    start_id = model.config.decoder_start_id
 
     def step(s: _SequenceState) -> _SequenceState:
         logits_BxV, cache = _decoder_step(
             model, params, s.cache, encoded_BxSxD, src_ids_BxS, s.previous_B
         )
-        token_B = choose(s.step, _mask_columns(logits_BxV, s.step, min_length))
+        masked_BxV = _mask_columns(logits_BxV, s.step, min_length, start_id)
+        token_B = choose(s.step, masked_BxV)
         # At the cap EOS is the only choice.
         token_B = jnp.where(s.step + 1 >= limit_B, EOS_ID, token_B).astype(jnp.int32)
         token_B = jnp.where(s.finished_B, PAD_ID, token_B)
@@ -204,7 +209,7 @@ def _sequential_decode(
     init = _SequenceState(
         step=jnp.array(0, jnp.int32),
         cache=cache,
-        previous_B=jnp.full((B,), BOS_ID, jnp.int32),
+        previous_B=jnp.full((B,), start_id, jnp.int32),
         finished_B=jnp.zeros((B,), bool),
         out_BxT=jnp.full((B, max_length), PAD_ID, jnp.int32),
         logp_B=jnp.zeros((B,), jnp.float32),
@@ -365,7 +370,13 @@ def beam_search(
             model, params, state.cache, encoded_BWxSxD, src_ids_BWxS, state.last_BxW.reshape(-1)
         )
         token_BxW, parent_BxW, alive_logp_BxW, finished = _beam_choices(
-            jax.nn.log_softmax(logits_BWxV), state, limit_B, min_length, alpha, W
+            jax.nn.log_softmax(logits_BWxV),
+            state,
+            limit_B,
+            min_length,
+            alpha,
+            W,
+            model.config.decoder_start_id,
         )
         rows_Bx1 = jnp.arange(B)[:, None]
         return BeamState(
@@ -396,7 +407,7 @@ def beam_search(
     init = BeamState(
         step=jnp.array(0, jnp.int32),
         cache=cache,
-        last_BxW=jnp.full((B, W), BOS_ID, jnp.int32),
+        last_BxW=jnp.full((B, W), model.config.decoder_start_id, jnp.int32),
         alive_logp_BxW=jnp.tile(jnp.array([0.0] + [-jnp.inf] * (W - 1), jnp.float32), (B, 1)),
         tokens_TxBxW=jnp.full((T, B, W), PAD_ID, jnp.int32),
         parents_TxBxW=jnp.zeros((T, B, W), jnp.int32),
@@ -417,6 +428,7 @@ def _beam_choices(
     min_length: int,
     alpha: float,
     W: int,
+    start_id: int,
 ) -> tuple[Array, Array, Array, dict[str, Array]]:
     """One step's (tokens, parents, log-probs) of the new alive beams and the finished fields.
 
@@ -426,7 +438,7 @@ def _beam_choices(
     B = state.alive_logp_BxW.shape[0]
     rows_Bx1 = jnp.arange(B)[:, None]
     eos_BxW = logp_BWxV[:, EOS_ID].reshape(B, W)  # at the cap EOS is allowed whatever min_length
-    masked_BWxV = _mask_columns(logp_BWxV, i, min_length)
+    masked_BWxV = _mask_columns(logp_BWxV, i, min_length, start_id)
     # Each beam's best 2W tokens hold every one of the joint best 2W among W x V. Ranked on
     # the totals (alive + token), so float ties break exactly as one top-k over W x V would.
     k = min(2 * W, masked_BWxV.shape[-1])

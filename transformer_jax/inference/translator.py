@@ -157,7 +157,7 @@ class Translator:
         if target is None:
             target = self.translate([source])[0]
         src = np.asarray([[*self.tokenizer.encode(source), EOS_ID]], np.int32)
-        tgt = np.asarray([[*self.tokenizer.encode(target), EOS_ID]], np.int32)
+        tgt = np.asarray([[*self.tokenizer.encode(target, side="target"), EOS_ID]], np.int32)
         # The sown probabilities exist only in the einsum implementation; they are identical.
         model = Transformer(self.config.replace(attention_impl="einsum"))
         with sharding.context(self.mesh, self.rules):
@@ -174,7 +174,7 @@ class Translator:
             ]
             return np.stack(maps)
 
-        piece = self.tokenizer.processor.id_to_piece
+        piece = self.tokenizer.id_to_piece
         return AttentionMaps(
             source_tokens=[piece(int(i)) for i in src[0]],
             target_tokens=[piece(int(i)) for i in tgt[0]],

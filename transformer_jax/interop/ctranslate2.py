@@ -28,9 +28,10 @@ _EXPRESSIBLE: dict[str, Any] = {
     "norm_position": {"post", "pre"},
     "norm_type": {"layernorm", "rmsnorm"},
     "position_encoding": {"sinusoidal", "learned"},
-    "feed_forward": {"relu", "gelu", "swiglu"},
+    "feed_forward": {"relu", "gelu", "swish", "swiglu"},
     "embedding_sharing": {"all", "target", "none"},
     "use_bias": {True, False},
+    "logits_bias": {True, False},
     "scan_layers": {True, False},  # parameters are unstacked first
 }
 # Fields that change training or compute only, never the function the weights compute.
@@ -54,6 +55,7 @@ _SHAPES = {
     "num_decoder_layers",
     "max_len",
     "layer_norm_epsilon",
+    "decoder_start_id",  # exported as CTranslate2's decoder_start_token
 }
 
 
@@ -78,8 +80,7 @@ def vocabulary(tokenizer: Tokenizer, vocab_size: int) -> list[str]:
     The model's vocabulary may be larger than the tokenizer's (padded for sharding); CTranslate2
     needs a token for every row, and rows past the pieces are never produced by our tokenizer.
     """
-    sp = tokenizer.processor
-    pieces = [sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+    pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
     taken = set(pieces)
     extra = []
     for row in range(tokenizer.vocab_size, vocab_size):
@@ -117,6 +118,7 @@ def build_spec(config: ModelConfig, params: Any, tokenizer: Tokenizer) -> Any:
         "relu": common_spec.Activation.RELU,
         # flax's nn.gelu is the tanh approximation by default.
         "gelu": common_spec.Activation.GELUTanh,
+        "swish": common_spec.Activation.SWISH,
         "swiglu": common_spec.Activation.SWISH,
     }[config.feed_forward]
     kv_heads = None if config.num_kv_heads in (None, config.num_heads) else config.num_kv_heads
@@ -141,7 +143,7 @@ def build_spec(config: ModelConfig, params: Any, tokenizer: Tokenizer) -> Any:
     for name, value in special_tokens(tokens).items():
         if name != "pad_token":  # CTranslate2 pads with its own id 0 handling; ours is id 0 too
             setattr(spec.config, name, value)
-    spec.config.decoder_start_token = tokens[BOS_ID]
+    spec.config.decoder_start_token = tokens[config.decoder_start_id]
     # Our pipeline appends EOS to every source itself (and truncates with it kept last), so
     # sources reach CTranslate2 with their EOS already there.
     spec.config.add_source_eos = False
@@ -216,6 +218,8 @@ def _fill(spec: Any, config: ModelConfig, params: dict) -> None:
         spec.decoder.projection.weight = params["decoder"]["logits"]["kernel"].T
     else:
         spec.decoder.projection.weight = target_table
+    if config.logits_bias:
+        spec.decoder.projection.bias = params["decoder"]["logits_bias"]
 
 
 def _position_table(config: ModelConfig, stack: dict) -> np.ndarray:

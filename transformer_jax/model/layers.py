@@ -136,7 +136,7 @@ def dense_init() -> nn.initializers.Initializer:
 
 
 class FeedForward(nn.Module):
-    """FFN(x) = max(0, x W1 + b1) W2 + b2 (section 3.3); GELU and SwiGLU as switches."""
+    """FFN(x) = max(0, x W1 + b1) W2 + b2 (section 3.3); GELU, swish and SwiGLU as switches."""
 
     config: ModelConfig
 
@@ -161,6 +161,8 @@ class FeedForward(nn.Module):
             h_BxLxF = nn.relu(h_BxLxF)
         elif cfg.feed_forward == "gelu":
             h_BxLxF = nn.gelu(h_BxLxF)
+        elif cfg.feed_forward == "swish":
+            h_BxLxF = nn.silu(h_BxLxF)
         else:
             gate = nn.Dense(
                 cfg.d_ff,

@@ -166,14 +166,14 @@ def default_positions(ids_BxL: Array) -> Array:
     return jnp.broadcast_to(jnp.arange(ids_BxL.shape[1], dtype=jnp.int32), ids_BxL.shape)
 
 
-def shift_right(targets_BxT: Array, positions_BxT: Array) -> Array:
-    """Decoder input: targets moved one step right, BOS wherever a segment starts (position 0).
+def shift_right(targets_BxT: Array, positions_BxT: Array, start_id: int = BOS_ID) -> Array:
+    """Decoder input: targets moved one step right, start_id wherever a segment starts.
 
     Restarting at every position 0 keeps packed rows from feeding one example's last token to
-    the next example's first step.
+    the next example's first step. start_id is config.decoder_start_id (BOS for our models).
     """
-    shifted_BxT = jnp.pad(targets_BxT, ((0, 0), (1, 0)), constant_values=BOS_ID)[:, :-1]
-    return jnp.where(positions_BxT == 0, BOS_ID, shifted_BxT)
+    shifted_BxT = jnp.pad(targets_BxT, ((0, 0), (1, 0)), constant_values=start_id)[:, :-1]
+    return jnp.where(positions_BxT == 0, start_id, shifted_BxT)
 
 
 class Encoder(nn.Module):
@@ -256,7 +256,7 @@ class Decoder(nn.Module):
                 self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
             if tgt_positions_BxT is None:
                 tgt_positions_BxT = default_positions(tgt_ids_BxT)
-            decoder_input_BxT = shift_right(tgt_ids_BxT, tgt_positions_BxT)
+            decoder_input_BxT = shift_right(tgt_ids_BxT, tgt_positions_BxT, cfg.decoder_start_id)
             # Validity follows the targets: position t predicts target t from targets < t.
             tgt_valid_BxT = tgt_ids_BxT != PAD_ID
             self_mask = make_attention_mask(
@@ -288,17 +288,27 @@ class Decoder(nn.Module):
         if cfg.norm_position == "pre":
             y_BxTxD = Norm(cfg, name="final_norm")(y_BxTxD)
         if self.output_embedding is not None:
-            return self.output_embedding.attend(y_BxTxD)
-        return nn.Dense(
-            cfg.vocab_size,
-            use_bias=False,
-            dtype=dtype_of(cfg.dtype),
-            param_dtype=dtype_of(cfg.param_dtype),
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.normal(cfg.d_model**-0.5), ("embed", "vocab")
-            ),
-            name="logits",
-        )(y_BxTxD).astype(jnp.float32)
+            logits_BxTxV = self.output_embedding.attend(y_BxTxD)
+        else:
+            logits_BxTxV = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=dtype_of(cfg.dtype),
+                param_dtype=dtype_of(cfg.param_dtype),
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(cfg.d_model**-0.5), ("embed", "vocab")
+                ),
+                name="logits",
+            )(y_BxTxD).astype(jnp.float32)
+        if cfg.logits_bias:
+            bias_V = self.param(
+                "logits_bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                (cfg.vocab_size,),
+                dtype_of(cfg.param_dtype),
+            )
+            logits_BxTxV = logits_BxTxV + jnp.asarray(bias_V, jnp.float32)
+        return logits_BxTxV
 
 
 class Transformer(nn.Module):

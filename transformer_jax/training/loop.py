@@ -68,6 +68,7 @@ def train_and_evaluate(
     used to test that resuming reaches exactly the uninterrupted result.
     """
     run = Workdir(workdir)
+    config = experiment.adopt_workdir_model(config, run.model_config_path)
     model_config = experiment.validate(config, jax.devices())
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_model_config(model_config)
@@ -109,8 +110,9 @@ def restore_or_init(run: _Run) -> tuple[TrainState, jax.Array]:
     Sets up run.train_iter, run.counter and run.guard to match.
     """
     program, config = run.program, run.config
+    initial = _params_only_start(run)
     while True:
-        resumed = run.ckpt.restore_newest(program.abstract_state)
+        resumed = None if initial else run.ckpt.restore_newest(program.abstract_state)
         start, exact = inputs.resume_start(config, resumed.meta if resumed else None)
         run.train_iter = run.data.train_iterator(start)
         run.counter = inputs.StreamCounter(start)
@@ -122,14 +124,40 @@ def restore_or_init(run: _Run) -> tuple[TrainState, jax.Array]:
         skip=config.optim.skip_nonfinite_updates,
         max_in_a_row=config.optim.max_nonfinite_in_a_row,
         checkpoint_dir=run.ckpt.directory,
-        last_finite_save=resumed.step if resumed else None,
+        last_finite_save=(
+            resumed.step if resumed else int(initial.step) if initial is not None else None
+        ),
         skipped_total=resumed.meta.get("skipped_steps", 0) if resumed else 0,
     )
     if resumed is None:
-        return program.init_state(), jax.random.key(program.seed)
+        state = initial if initial is not None else program.init_state()
+        return state, jax.random.key(program.seed)
     log.info("Restored step %d from %s", resumed.step, run.ckpt.directory)
     rng = jax.random.key(program.seed) if resumed.rng is None else resumed.rng
     return resumed.state, rng
+
+
+def _params_only_start(run: _Run) -> TrainState | None:
+    """The first state of a run whose newest checkpoint holds parameters alone, else None.
+
+    convert --from-huggingface and average write such checkpoints: training starts from their
+    parameters, at their step, with a fresh optimizer and the data stream from its beginning.
+    Once the run saves a full checkpoint (a later step), resuming reads that one as usual.
+    """
+    steps = run.ckpt.steps()
+    if not steps or not run.ckpt.params_only(steps[-1]):
+        return None
+    abstract = run.program.abstract_state
+    params, step = run.workdir.restore_params(steps[-1], abstract.params)
+    log.info(
+        "Starting from the parameters of checkpoint %d in %s (parameters only: imported or "
+        "averaged); the optimizer starts afresh.",
+        step,
+        run.ckpt.directory,
+    )
+    state = run.program.init_state()
+    step_array = jax.device_put(jnp.asarray(step, jnp.int32), abstract.step.sharding)
+    return dataclasses.replace(state, params=params, step=step_array)
 
 
 def _restore_stream(run: _Run, resumed: Restored) -> bool:
