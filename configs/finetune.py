@@ -18,12 +18,14 @@ from configs import default
 def get_config() -> ml_collections.ConfigDict:
     """configs/default.py, with the model taken from the workdir and a gentler schedule."""
     config = default.get_config()
-    # config.model below is ignored: the workdir's model_config.json replaces it.
+    # The model is the workdir's model_config.json. None here, so that a --config.model.X
+    # override fails loudly instead of being silently replaced.
+    config.model = None
     config.model_from_workdir = True
-    # A pretrained model needs smaller steps than training from scratch: the paper's schedule
-    # at d_model 512 and 400 warmup steps peaks at 2.2e-3; a tenth of it keeps what the model
-    # knows. Fairseq and Marian fine-tune OPUS-MT models around 1e-4 to 3e-4.
-    config.optim.learning_rate_scale = 0.1
+    # A pretrained model needs smaller steps than training from scratch. The paper's schedule,
+    # scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), peaks at step = warmup: for
+    # d_model 512 (OPUS-MT) and 100 warmup steps, 0.05 * 0.0442 * 0.1 = 2.2e-4.
+    config.optim.learning_rate_scale = 0.05
     config.optim.warmup_steps = 100
     config.train.num_steps = 600
     config.train.eval_every = 200

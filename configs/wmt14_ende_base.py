@@ -48,6 +48,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.max_to_keep = 20  # Enough for averaging the last 5 (base) or 20 (big).
     config.train.num_samples = 5  # Test translations printed at the end.
 
+    config.train.average_last = 5  # Section 6.1: base averages the last 5 checkpoints,
+    config.train.average_every = 1500  # written at 10-minute intervals.
+    config.train.keep_best = True  # And the best by newstest2013 BLEU, scored beside them.
+
+    config.decode.beam_size = 4  # Section 6.1: beam 4, length penalty alpha 0.6.
+    config.decode.alpha = 0.6
     config.decode.extra_length = 50  # Maximum output length = input length + 50.
     config.decode.max_length = 306  # Static buffer: 256 source tokens + 50.
     return config

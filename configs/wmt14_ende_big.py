@@ -16,5 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = model_section("big", dtype="bfloat16")
     config.train.num_steps = 300_000  # Section 5.2: 300k steps for big.
     config.train.checkpoint_every = 600  # About 10 minutes apart at 1.0 s/step.
-    config.train.max_to_keep = 25  # The paper averages the last 20 for big.
+    config.train.max_to_keep = 25  # Rolling checkpoints, for resuming.
+    config.train.average_last = 20  # Section 6.1: big averages the last 20 checkpoints,
+    config.train.average_every = 600  # 10 minutes apart.
     return config

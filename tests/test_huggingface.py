@@ -6,6 +6,7 @@ models trained on the built-in corpus (nothing is downloaded), and the shared tr
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import re
@@ -324,6 +325,37 @@ def test_imported_model_fine_tunes_and_resumes(
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_damaged_first_checkpoint_falls_back_to_the_imported_parameters(
+    imported: Path, small_corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tiny_train_config(small_corpus)
+    config.model_from_workdir = True
+    config.data.test_split = ""
+    config.train.num_steps = 4
+    config.train.checkpoint_every = 2
+    run = tmp_path / "run"
+    shutil.copytree(imported, run)
+    train_and_evaluate(config, run, stop_after=2)
+    for path in (run / "checkpoints" / "2" / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(b"damaged")
+    with caplog.at_level(logging.INFO, logger="transformer_jax"):
+        result = train_and_evaluate(config, run)
+    assert "Starting from the parameters of checkpoint 0" in caplog.text
+    assert (run / "damaged_checkpoints" / "2").is_dir() and result.step == 4
+
+
+def test_pytorch_weights_import_as_safetensors_do(
+    marian_folder: Path, imported: Path, tmp_path: Path
+) -> None:
+    folder = _copy_without(marian_folder, tmp_path, "model.safetensors")
+    model, _ = _hf(marian_folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    from_bin = convert.import_marian(folder, tmp_path / "from_bin")
+    for a, b in zip(checkpoint_params(imported, 0), checkpoint_params(from_bin, 0), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def _copy_without(folder: Path, tmp_path: Path, *names: str) -> Path:
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
@@ -407,3 +439,17 @@ def test_models_marian_cannot_express_are_refused_by_field(trained_workdir: Path
         with pytest.raises(ValueError, match=f"ModelConfig.{field}="):
             marian_files(config, {}, translator.tokenizer, spm_models_of(translator.tokenizer))
     assert unsupported(translator.config) == []
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason='libtpu (pip install -e ".[dev]")'
+)
+def test_aot_compiles_the_imported_model_for_a_tpu_slice(imported: Path) -> None:
+    from configs import finetune
+    from transformer_jax import aot
+
+    report = aot.run(aot._adopted(finetune.get_config(), str(imported)), "v5e-4")
+    assert report.num_params == sum(x.size for x in checkpoint_params(imported, 0))
+    assert report.fits
+    with pytest.raises(ValueError, match="pass --workdir DIR"):
+        aot._adopted(finetune.get_config(), None)

@@ -170,11 +170,14 @@ def test_an_older_config_gets_the_fields_added_since(small_corpus: Path) -> None
     config = tiny_train_config(small_corpus)
     for dotted in experiment.LATER_FIELDS:
         section, _, name = dotted.rpartition(".")
-        del config[section][name]
+        del (config[section] if section else config)[name]
     config.lock()  # as config_flags hands it over
     experiment.validate(config)
     assert config.optim.skip_nonfinite_updates is False
     assert config.optim.max_nonfinite_in_a_row == 10 and config.data.reshard_on_resume is False
+    # Older configs decode the test split greedily, keep no best and average nothing, as then.
+    assert config.decode.beam_size == 1 and config.train.average_last == 0
+    assert config.train.keep_best is False and config.model_from_workdir is False
 
 
 def _damage(checkpoint: Path) -> None:

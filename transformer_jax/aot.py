@@ -544,6 +544,12 @@ def main() -> None:
     decode_batch_flag = flags.DEFINE_integer(
         "decode_batch_size", 32, "With --mode=decode: sentences per host and batch."
     )
+    workdir_flag = flags.DEFINE_string(
+        "workdir",
+        None,
+        "With a config whose model_from_workdir is True (configs/finetune.py): the workdir whose "
+        "model_config.json is the model (e.g. one written by transformer_jax.convert).",
+    )
     flags.mark_flag_as_required("topology")
 
     def _main(argv: list[str]) -> None:
@@ -558,10 +564,9 @@ def main() -> None:
         try:
             # Name the report after the file the user passed (configs carry no name field).
             config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+            config = _adopted(config_flag.value, workdir_flag.value)
             if mode_flag.value == "decode":
-                decoded = run_decode(
-                    config_flag.value, str(topology_flag.value), decode_batch_flag.value
-                )
+                decoded = run_decode(config, str(topology_flag.value), decode_batch_flag.value)
                 decoded = dataclasses.replace(decoded, config=decoded.config or config_file)
                 text = format_decode_report(decoded)
                 print(json.dumps(dataclasses.asdict(decoded)) if json_flag.value else text)
@@ -571,17 +576,33 @@ def main() -> None:
                         f"has {decoded.capacity_gib:g} GiB on {decoded.topology}"
                     )
                 return
-            report = run(config_flag.value, str(topology_flag.value))
+            report = run(config, str(topology_flag.value))
             report = dataclasses.replace(report, config=report.config or config_file)
             print(
                 json.dumps(dataclasses.asdict(report)) if json_flag.value else format_report(report)
             )
             check_fits(report)
-        except (DoesNotFitError, TopologyError, ValueError) as e:
+        except (DoesNotFitError, TopologyError, ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
 
     app.run(_main)
+
+
+def _adopted(config: ml_collections.ConfigDict, workdir: str | None) -> ml_collections.ConfigDict:
+    """The config with the workdir's model when it asks for one (model_from_workdir)."""
+    from transformer_jax.workdir import Workdir
+
+    experiment.fill_later_fields(config)
+    if not config.model_from_workdir:
+        if workdir is not None:
+            raise ValueError("--workdir is only read for a config with model_from_workdir=True")
+        return config
+    if workdir is None:
+        raise ValueError(
+            "config.model_from_workdir=True takes the model from a workdir: pass --workdir DIR"
+        )
+    return experiment.adopt_workdir_model(config, Workdir(workdir).model_config_path)
 
 
 if __name__ == "__main__":

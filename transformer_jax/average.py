@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from transformer_jax.cli import quiet_libraries
@@ -20,61 +20,47 @@ if TYPE_CHECKING:
 
 def average_last(workdir: Workdir, last: int, output: Workdir) -> list[int]:
     """Average the `last` newest readable checkpoints; unreadable ones are named and skipped."""
+    from transformer_jax import sharding
+    from transformer_jax.state import abstract_train_state
+    from transformer_jax.workdir import mean_params
+
     steps = workdir.steps()
-    total, abstract, used = _accumulate(workdir, steps[::-1], last)
+    mesh = sharding.make_mesh(sharding.DATA_PARALLEL)
+    abstract = abstract_train_state(workdir.read_model_config(), mesh, sharding.DEFAULT_RULES)
+    used: list[int] = []
+    mean = mean_params(
+        _readable(workdir, steps[::-1], last, abstract.params, used), abstract.params
+    )
     if len(used) < last:
         raise SystemExit(
             f"error: {workdir}: {len(used)} readable checkpoint(s) ({sorted(used)} of {steps}) "
             f"but --last {last} asked; raise train.max_to_keep or average fewer"
         )
     chosen = sorted(used)
-    _write_mean(workdir, total, abstract, chosen, output)
+    workdir.copy_metadata_to(output)
+    output.write_averaged_from(workdir, chosen)
+    output.save_params(max(chosen), mean)
     return chosen
 
 
-def _accumulate(
-    workdir: Workdir, candidates: Sequence[int], want: int
-) -> tuple[Any, Any, list[int]]:
-    """(float64 host sum of up to `want` candidates' parameters, abstract params, steps used)."""
+def _readable(
+    workdir: Workdir, candidates: Sequence[int], want: int, abstract: Any, used: list[int]
+) -> Iterator[Any]:
+    """The parameters of up to `want` readable candidates, appending each step to `used`."""
     import logging
 
-    import jax
-    import numpy as np
-
-    from transformer_jax import sharding
-    from transformer_jax.state import abstract_train_state
     from transformer_jax.workdir import UnreadableCheckpointError
 
-    config = workdir.read_model_config()
-    mesh = sharding.make_mesh(sharding.DATA_PARALLEL)
-    abstract = abstract_train_state(config, mesh, sharding.DEFAULT_RULES).params
-    total: Any = None
-    used: list[int] = []
     for step in candidates:
         if len(used) == want:
-            break
+            return
         try:
             params, _ = workdir.restore_params(step, abstract)
         except UnreadableCheckpointError as e:
             logging.getLogger(__name__).warning("Skipping step %d: %s", step, e)
             continue
-        # Accumulate in float64 on the host so the mean does not depend on the order.
-        host = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
-        total = host if total is None else jax.tree.map(np.add, total, host)
         used.append(step)
-        del params
-    return total, abstract, used
-
-
-def _write_mean(
-    workdir: Workdir, total: Any, abstract: Any, steps: Sequence[int], output: Workdir
-) -> None:
-    import jax
-
-    mean = jax.tree.map(lambda x, a: (x / len(steps)).astype(a.dtype), total, abstract)
-    workdir.copy_metadata_to(output)
-    output.write_averaged_from(workdir, steps)
-    output.save_params(max(steps), mean)
+        yield params
 
 
 def main(argv: Sequence[str] | None = None) -> int:

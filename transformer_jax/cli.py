@@ -24,9 +24,18 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workdir",
         required=True,
-        help="a workdir written by train.py (with --engine ctranslate2: the exported folder)",
+        nargs="+",
+        help="a workdir written by train.py (with --engine ctranslate2: the exported folder); "
+        "several decode as one ensemble (the mean of their log-probabilities per step)",
     )
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    parser.add_argument(
+        "--step",
+        type=int,
+        nargs="+",
+        default=None,
+        help="checkpoint step (default: newest); one per --workdir, or several steps of one "
+        "workdir (an ensemble of them)",
+    )
     parser.add_argument(
         "--engine",
         choices=["jax", "ctranslate2"],
@@ -68,10 +77,12 @@ def load_translator(args: argparse.Namespace) -> Any:
             "error: --compute_type and --device are CTranslate2's; add --engine ctranslate2 "
             "(the JAX engine runs where JAX_PLATFORMS says)"
         )
+    if args.engine == "ctranslate2" and len(args.workdir) > 1:
+        raise SystemExit("error: --workdir: ensembles decode with --engine jax only")
     try:
         return load(
-            args.workdir,
-            args.step,
+            args.workdir[0] if len(args.workdir) == 1 else args.workdir,
+            args.step[0] if args.step and len(args.step) == 1 else args.step,
             engine=args.engine,
             compute_type=args.compute_type or "default",
             device=args.device or "cpu",

@@ -29,7 +29,8 @@ from transformer_jax.cli import check_output, move_into_place, quiet_libraries
 log = logging.getLogger(__name__)
 
 # Written into every exported folder: which workdir and step it came from (and our config).
-EXPORT_META = "transformer_jax.json"
+# (Its name differs from the CTranslate2 export's, so --force never replaces one with the other.)
+EXPORT_META = "transformer_jax_export.json"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -51,6 +52,17 @@ def local_folder(text: str) -> Path:
     raise FileNotFoundError(f"{text}: no such folder")
 
 
+def _local(path: str | os.PathLike[str], flag: str) -> Path:
+    """An absolute local path; a URL (gs://...) is refused rather than made a local folder."""
+    text = os.fspath(path)
+    if "://" in text:
+        raise ValueError(
+            f"{flag}={text}: convert writes local folders only; write it here and copy it "
+            "(gsutil -m cp -r) to the bucket"
+        )
+    return Path(os.path.abspath(text))
+
+
 def import_marian(folder: str | os.PathLike[str], workdir: str | os.PathLike[str]) -> Path:
     """Write a new workdir holding the Marian model in folder; returns the workdir's path."""
     import jax
@@ -59,7 +71,7 @@ def import_marian(folder: str | os.PathLike[str], workdir: str | os.PathLike[str
     from transformer_jax.workdir import Workdir
 
     source = local_folder(os.fspath(folder))
-    target = Path(os.path.abspath(workdir))
+    target = _local(workdir, "--workdir")
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ValueError(
             f"{target}: exists and is not an empty folder; convert writes a new workdir"
@@ -116,7 +128,7 @@ def export_marian(
         raise ValueError(
             'writing a Hugging Face folder needs safetensors: pip install -e ".[hf]"'
         ) from e
-    output = Path(os.path.abspath(output))
+    output = _local(output, "--to-huggingface")
     run = Workdir(workdir)
     check_output(output, Path(os.fspath(run.path)), force, marker=EXPORT_META)
     model = load(run, step)

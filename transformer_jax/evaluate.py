@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             name = Path(args.source).stem
         else:
-            pairs = workdir_pairs(args.workdir, args.split, args.engine)
+            pairs = workdir_pairs(args.workdir[0], args.split, args.engine)
             sources, references = [s for s, _ in pairs], [t for _, t in pairs]
             name = args.split
     except (ValueError, FileNotFoundError) as e:
@@ -89,13 +89,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         sources, references = sources[: args.limit], references[: args.limit]
     translator = load_translator(args)
     hypotheses = translator.translate(sources, progress=True, **decoding)
-    output = args.output or _hypotheses_path(args.workdir, name, translator.step, args.engine)
+    if translator.members:  # WORKDIR/<name>.ensemble<K>.step<N>.hyp.txt, N the first's step
+        name = f"{name}.ensemble{len(translator.members)}"
+    output = args.output or _hypotheses_path(args.workdir[0], name, translator.step, args.engine)
     evaluation.write_hypotheses(output, hypotheses)
     result = evaluation.score(hypotheses, references)
     result.update(
         {
             "step": translator.step,
             "workdir": str(translator.workdir),
+            "ensemble": [{"workdir": w, "step": st} for w, st in translator.members] or None,
             "hypotheses": str(output),
             "engine": args.engine,
             "method": args.method,

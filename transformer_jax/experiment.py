@@ -34,6 +34,12 @@ LATER_FIELDS: dict[str, Any] = {
     "optim.skip_nonfinite_updates": False,
     "optim.max_nonfinite_in_a_row": 10,
     "data.reshard_on_resume": False,
+    "train.average_last": 0,
+    "train.average_every": 100,
+    "train.keep_best": False,
+    "train.early_stopping_patience": 0,
+    "decode.beam_size": 1,
+    "decode.alpha": 0.6,
 }
 
 
@@ -71,6 +77,11 @@ def adopt_workdir_model(
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """ModelConfig(**config.model), naming the config section on errors."""
+    if config.model is None:
+        raise ValueError(
+            "config.model is None: give the config a model section, or set "
+            "model_from_workdir=True and --workdir an imported workdir (configs/finetune.py)"
+        )
     try:
         return ModelConfig.from_dict(config.model.to_dict(), source="config.model")
     except (TypeError, ValueError) as e:
@@ -120,6 +131,30 @@ def validate(
             f"exceeds model.vocab_size={model.vocab_size}",
         ),
         (_is_int(config.decode.max_length, 1), "decode.max_length", "must be an integer >= 1"),
+        (_is_int(config.decode.beam_size, 1), "decode.beam_size", "must be an integer >= 1"),
+        (config.decode.alpha >= 0, "decode.alpha", "must be >= 0"),
+        (_is_int(config.train.average_last, 0), "train.average_last", "must be an integer >= 0"),
+        (_is_int(config.train.average_every, 1), "train.average_every", "must be an integer >= 1"),
+        (
+            config.train.num_steps - (config.train.average_last - 1) * config.train.average_every
+            >= 1
+            or not config.train.average_last,
+            "train.average_last",
+            f"{config.train.average_last} checkpoints every {config.train.average_every} steps "
+            f"do not fit in train.num_steps={config.train.num_steps}",
+        ),
+        (
+            _is_int(config.train.early_stopping_patience, 0),
+            "train.early_stopping_patience",
+            "must be an integer >= 0 (0 = off)",
+        ),
+        (
+            not config.train.early_stopping_patience
+            or (config.train.keep_best and config.train.eval_every > 0),
+            "train.early_stopping_patience",
+            "needs train.keep_best=True and train.eval_every > 0 (it counts evaluations "
+            "without a new best)",
+        ),
         (_is_int(config.decode.extra_length, 0), "decode.extra_length", "must be an integer >= 0"),
     ]
     for ok, field, message in checks:
@@ -139,6 +174,14 @@ def _check_devices(config: ml_collections.ConfigDict, devices: Sequence[jax.Devi
         )
     sharding.resolve_mesh_shape(dict(config.mesh.shape), len(devices))
     sharding.rules_from_config(config.mesh.logical_axis_rules)
+
+
+def average_steps(config: ml_collections.ConfigDict) -> list[int]:
+    """The steps whose parameters train.average_last averages: the last N, average_every apart."""
+    train = config.train
+    if not train.average_last:
+        return []
+    return sorted(train.num_steps - k * train.average_every for k in range(train.average_last))
 
 
 def rows_per_host(

@@ -69,6 +69,11 @@ class Workdir:
     TARGET_SPM = "target.spm"
     VOCAB = "vocab.json"
     CHECKPOINTS = "checkpoints"
+    # Parameters kept for train.average_last (apart from the rolling checkpoints).
+    AVERAGE_CHECKPOINTS = "checkpoints_average"
+    # The best checkpoint by validation BLEU (train.keep_best): a workdir of its own.
+    BEST = "best"
+    BEST_RECORD = "best.json"
     TENSORBOARD = "tensorboard"
     RESULTS = "results.json"
     AVERAGED_FROM = "averaged_from.txt"
@@ -115,6 +120,39 @@ class Workdir:
     def model_config_path(self) -> epath.Path:
         """The stored ModelConfig."""
         return self.path / self.MODEL_CONFIG
+
+    @property
+    def average_checkpoints(self) -> ParamsCheckpoints:
+        """The parameters train.average_last keeps for the end-of-run average."""
+        return ParamsCheckpoints(self.path / self.AVERAGE_CHECKPOINTS)
+
+    @property
+    def best(self) -> Workdir:
+        """The workdir holding the best checkpoint by validation BLEU (train.keep_best)."""
+        return Workdir(self.path / self.BEST)
+
+    def read_best(self) -> dict[str, Any] | None:
+        """This (best) workdir's record {step, bleu, signature}, or None if there is none yet."""
+        path = self.path / self.BEST_RECORD
+        if not path.exists():
+            return None
+        try:
+            return dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); delete it to start afresh") from e
+
+    def write_best(self, step: int, params: Any, record: dict[str, Any], source: Workdir) -> None:
+        """Make this the best workdir: source's metadata, these params at step, the record.
+
+        Every process calls it (the save is collective); process 0 writes the files.
+        """
+        if jax.process_index() == 0:
+            source.copy_metadata_to(self)
+        ParamsCheckpoints(self.checkpoint_dir, max_to_keep=1).save(step, params)
+        if jax.process_index() == 0:
+            tmp = self.path / f"{self.BEST_RECORD}.tmp"
+            tmp.write_text(json.dumps({"step": step, **record}, indent=2) + "\n")
+            tmp.replace(self.path / self.BEST_RECORD)
 
     def averaged_dir(self, last: int) -> epath.Path:
         """Where `average --last N` writes its workdir by default."""
@@ -270,37 +308,36 @@ class Workdir:
             )
         if step is not None and step not in steps:
             raise ValueError(f"{self.path}: no checkpoint for step {step}; saved steps are {steps}")
-        candidates = [step] if step is not None else steps[::-1]
-        manager = ocp.CheckpointManager(
-            self.checkpoint_dir,
-            options=ocp.CheckpointManagerOptions(create=False),
-            item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        return restore_params_in(
+            self.checkpoint_dir, [step] if step is not None else steps[::-1], abstract_params
         )
-        target = {"params": abstract_params}
-        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-
-        def read(s: int) -> Any:
-            item = ocp.args.PyTreeRestore(
-                item=target, restore_args=restore_args, partial_restore=True
-            )
-            return manager.restore(s, args=ocp.args.Composite(state=item))["state"]["params"]
-
-        try:
-            found, params = newest_readable(
-                self.checkpoint_dir,
-                candidates,
-                read,
-                check=lambda params: require_finite(params, "its parameters"),
-            )
-        finally:
-            manager.close()
-        return params, found
 
     def save_params(self, step: int, params: Any) -> None:
         """Write a params-only checkpoint (averaged weights) that load() and evaluate read."""
+        ParamsCheckpoints(self.checkpoint_dir).save(step, params)
+
+
+class ParamsCheckpoints:
+    """Parameters-only checkpoints in one folder, saved synchronously (max_to_keep: rotate)."""
+
+    def __init__(self, directory: epath.Path, max_to_keep: int | None = None) -> None:
+        self.directory = directory
+        self.max_to_keep = max_to_keep
+
+    def steps(self) -> list[int]:
+        """Finished steps, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(ocp.utils.checkpoint_steps(self.directory))
+
+    def save(self, step: int, params: Any) -> None:
+        """Write {"params": params} as the `state` item of step (what load() reads)."""
+        options = ocp.CheckpointManagerOptions(
+            create=True, enable_async_checkpointing=False, max_to_keep=self.max_to_keep
+        )
         manager = ocp.CheckpointManager(
-            self.checkpoint_dir,
-            options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+            self.directory,
+            options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler()},
         )
         try:
@@ -312,6 +349,59 @@ class Workdir:
             manager.wait_until_finished()
         finally:
             manager.close()
+
+    def restore(self, step: int, abstract_params: Any) -> Any:
+        """One step's parameters, in abstract_params' shardings."""
+        return restore_params_in(self.directory, [step], abstract_params)[0]
+
+    def mean(self, steps: Sequence[int], abstract_params: Any) -> Any:
+        """The mean of these steps' parameters, accumulated in float64 on the host."""
+        return mean_params((self.restore(s, abstract_params) for s in steps), abstract_params)
+
+
+def mean_params(trees: Iterable[Any], abstract_params: Any) -> Any:
+    """The element-wise mean of parameter trees, summed in float64 on the host, one at a time.
+
+    Float64 sums make the mean independent of the order; None if trees is empty.
+    """
+    total: Any = None
+    count = 0
+    for tree in trees:
+        host = jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+        total = host if total is None else jax.tree.map(np.add, total, host)
+        count += 1
+        del tree, host
+    if total is None:
+        return None
+    return jax.tree.map(lambda x, a: (x / count).astype(a.dtype), total, abstract_params)
+
+
+def restore_params_in(
+    directory: epath.Path, candidates: Sequence[int], abstract_params: Any
+) -> tuple[Any, int]:
+    """The parameters of the first readable, finite step of candidates; (params, step)."""
+    manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(create=False),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+    )
+    target = {"params": abstract_params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+
+    def read(s: int) -> Any:
+        item = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        return manager.restore(s, args=ocp.args.Composite(state=item))["state"]["params"]
+
+    try:
+        found, params = newest_readable(
+            directory,
+            candidates,
+            read,
+            check=lambda params: require_finite(params, "its parameters"),
+        )
+    finally:
+        manager.close()
+    return params, found
 
 
 class _IteratorSnapshot:
@@ -379,10 +469,17 @@ class Checkpoints:
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
     def params_only(self, step: int) -> bool:
-        """Whether a step holds parameters alone (written by convert or average), no train state."""
-        if self.items(step) != {"state"}:
+        """Whether a step holds parameters alone (written by convert or average), no train state.
+
+        A step whose metadata cannot be read counts as a full one: reading it then fails, and
+        the fallback of restore_newest names it.
+        """
+        try:
+            if self.items(step) != {"state"}:
+                return False
+            return set(self.manager.item_metadata(step)["state"].keys()) == {"params"}
+        except DAMAGE_ERRORS:
             return False
-        return set(self.manager.item_metadata(step)["state"].keys()) == {"params"}
 
     def items(self, step: int) -> set[str]:
         """The items a saved step holds, as orbax recorded them (state, data, meta, ...)."""
@@ -408,14 +505,24 @@ class Checkpoints:
         <workdir>/damaged_checkpoints/ (never deleted), so this run can save that step again.
         """
         steps = self.steps()
-        if not steps:
+        # A parameters-only step (an import) ends the search: older ones are never reached,
+        # and if every newer one is unreadable the run starts from it again (None).
+        floor = max((s for s in steps if self.params_only(s)), default=-1)
+        full = [s for s in steps if s > floor]
+        if not full:
             return None
-        found, restored = newest_readable(
-            self.directory,
-            steps[::-1],
-            lambda step: self.restore_state(step, abstract_state),
-            check=lambda r: require_finite(r.state, "its training state"),
-        )
+        try:
+            found, restored = newest_readable(
+                self.directory,
+                full[::-1],
+                lambda step: self.restore_state(step, abstract_state),
+                check=lambda r: require_finite(r.state, "its training state"),
+            )
+        except UnreadableCheckpointError:
+            if floor < 0:
+                raise
+            self.set_aside(full)
+            return None
         self.set_aside([s for s in steps if s > found])
         return restored
 

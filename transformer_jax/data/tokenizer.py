@@ -159,7 +159,12 @@ class VocabTokenizer(Tokenizer):
         self._path = path
 
     @classmethod
-    def load_files(  # type: ignore[override]
+    def load(cls, path: PathLike) -> Tokenizer:
+        """Not for this class: its vocabulary is three files (load_files)."""
+        raise TypeError(f"{path}: VocabTokenizer reads three files; call load_files()")
+
+    @classmethod
+    def load_files(
         cls, source_spm: PathLike, target_spm: PathLike, vocab_json: PathLike
     ) -> VocabTokenizer:
         """Read source.spm, target.spm and vocab.json; a bad file is named with what is wrong."""

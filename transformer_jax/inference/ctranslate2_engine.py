@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from transformer_jax.config import BOS_ID, EOS_ID, PAD_ID, ModelConfig
+from transformer_jax.config import EOS_ID, PAD_ID, ModelConfig
 from transformer_jax.data.tokenizer import Tokenizer
 from transformer_jax.evaluation import Decoded, DecodeRows
 from transformer_jax.inference.engine import DecodeSettings
@@ -71,7 +71,8 @@ class CTranslate2Engine:
         # The exported vocabulary itself: pieces, then the padding rows' names (their own ids).
         self._pieces = vocabulary(self.tokenizer, self.config.vocab_size)
         self._ids = {piece: i for i, piece in enumerate(self._pieces)}
-        self._suppressed = [[self._pieces[PAD_ID]], [self._pieces[BOS_ID]]]
+        start = self._pieces[self.config.decoder_start_id]
+        self._suppressed = [[self._pieces[PAD_ID]], [start]]
 
     def bind(self, params: Any, settings: DecodeSettings) -> DecodeRows:
         """decode_rows with the settings fixed (params are ignored: the weights are exported)."""

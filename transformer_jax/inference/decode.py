@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from transformer_jax.config import BOS_ID, EOS_ID, PAD_ID
-from transformer_jax.model import Transformer, grow_cache, init_cache, reorder_cache
+from transformer_jax.model import Decodable, grow_cache, init_cache, reorder_cache
 
 Array = jax.Array
 
@@ -80,12 +80,13 @@ def _mask_columns(
 
 
 def _encode_and_cache(
-    model: Transformer, params: Any, src_ids_BxS: Array, capacity: int, copies: int
+    model: Decodable, params: Any, src_ids_BxS: Array, capacity: int, copies: int
 ) -> tuple[Array, Array, Any]:
     """Encode once, repeat the encoder output and source `copies` times per row, build the cache."""
-    encoded_BxSxD: Array = model.apply({"params": params}, src_ids_BxS, method=Transformer.encode)  # type: ignore[assignment]
+    # An Ensemble's encoding is one array per member: repeated leaf by leaf.
+    encoded_BxSxD: Any = model.apply({"params": params}, src_ids_BxS, method="encode")
     if copies > 1:
-        encoded_BxSxD = jnp.repeat(encoded_BxSxD, copies, axis=0)
+        encoded_BxSxD = jax.tree.map(lambda x: jnp.repeat(x, copies, axis=0), encoded_BxSxD)
         src_ids_BxS = jnp.repeat(src_ids_BxS, copies, axis=0)
     # Under jit the sizing pass inside init_cache is dead code except the cross-attention
     # projection; XLA drops the rest, so building the cache costs one projection per layer.
@@ -94,7 +95,7 @@ def _encode_and_cache(
 
 
 def _decoder_step(
-    model: Transformer,
+    model: Decodable,
     params: Any,
     cache: Any,
     encoded_BxSxD: Array,
@@ -109,7 +110,7 @@ def _decoder_step(
         previous_B[:, None],
         decode=True,
         mutable=["cache"],
-        method=Transformer.decode,
+        method="decode",
     )
     return logits_Bx1xV[:, 0], mutated["cache"]  # type: ignore[index]
 
@@ -150,7 +151,7 @@ class _SequenceState:
 
 
 def _sequential_decode(
-    model: Transformer,
+    model: Decodable,
     params: Any,
     src_ids_BxS: Array,
     choose: Callable[[Array, Array], Array],
@@ -204,7 +205,7 @@ def _sequential_decode(
         return s.out_BxT, s.logp_B / length_penalty(lengths_B, alpha)
 
     def grow(s: _SequenceState, capacity: int) -> _SequenceState:
-        return dataclasses.replace(s, cache=grow_cache(model.config, s.cache, capacity))
+        return dataclasses.replace(s, cache=grow_cache(s.cache, capacity))
 
     init = _SequenceState(
         step=jnp.array(0, jnp.int32),
@@ -218,7 +219,7 @@ def _sequential_decode(
 
 
 def greedy_decode(
-    model: Transformer,
+    model: Decodable,
     params: Any,
     src_ids_BxS: Array,
     *,
@@ -255,7 +256,7 @@ def greedy_decode(
 
 
 def sample_decode(
-    model: Transformer,
+    model: Decodable,
     params: Any,
     src_ids_BxS: Array,
     rng: Array,
@@ -322,7 +323,7 @@ class BeamState:
 
 
 def beam_search(
-    model: Transformer,
+    model: Decodable,
     params: Any,
     src_ids_BxS: Array,
     *,
@@ -381,7 +382,7 @@ def beam_search(
         rows_Bx1 = jnp.arange(B)[:, None]
         return BeamState(
             step=state.step + 1,
-            cache=reorder_cache(model.config, cache, (rows_Bx1 * W + parent_BxW).reshape(-1)),
+            cache=reorder_cache(cache, (rows_Bx1 * W + parent_BxW).reshape(-1)),
             last_BxW=token_BxW,
             alive_logp_BxW=alive_logp_BxW,
             tokens_TxBxW=state.tokens_TxBxW.at[state.step].set(token_BxW),
@@ -398,7 +399,7 @@ def beam_search(
         return (state.step < max_length) & jnp.any(can_improve_B)
 
     def grow(state: BeamState, capacity: int) -> BeamState:
-        return dataclasses.replace(state, cache=grow_cache(model.config, state.cache, capacity))
+        return dataclasses.replace(state, cache=grow_cache(state.cache, capacity))
 
     def finish(state: BeamState) -> tuple[Array, Array]:
         return _best_hypotheses(state, count, alpha)

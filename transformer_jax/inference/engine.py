@@ -20,7 +20,7 @@ from transformer_jax import sharding
 from transformer_jax.config import ModelConfig
 from transformer_jax.evaluation import Decoded, DecodeRows
 from transformer_jax.inference import decode
-from transformer_jax.model import Transformer
+from transformer_jax.model import Decodable, Transformer
 
 Method = Literal["beam", "greedy", "sample"]
 
@@ -69,8 +69,16 @@ class DecodeSettings:
 class JaxEngine:
     """A model's decoders jitted for one mesh; one compile per (settings, source length)."""
 
-    def __init__(self, config: ModelConfig, mesh: Mesh, rules: sharding.LogicalRules) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        mesh: Mesh,
+        rules: sharding.LogicalRules,
+        model: Decodable | None = None,
+    ) -> None:
         self.config = config
+        # Transformer(config) unless given: an Ensemble decodes its members as one model.
+        self.model: Decodable = model if model is not None else Transformer(config)
         self.mesh = mesh
         self.rules = rules
         self._rows = sharding.batch_sharding(mesh)
@@ -109,7 +117,7 @@ class JaxEngine:
 
     def _decode_fn(self, s: DecodeSettings, max_length: int) -> Callable[..., Any]:
         """(params, src, rng) -> ([B, N, T] tokens, [B, N] scores) for these settings."""
-        model = Transformer(self.config)
+        model = self.model
         extra, alpha = s.extra_length, s.alpha
 
         def greedy(params: Any, src: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:

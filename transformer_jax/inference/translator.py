@@ -19,7 +19,7 @@ from transformer_jax.config import EOS_ID, ModelConfig
 from transformer_jax.data.tokenizer import Tokenizer
 from transformer_jax.inference.ctranslate2_engine import CTranslate2Engine
 from transformer_jax.inference.engine import DecodeSettings, JaxEngine, Method
-from transformer_jax.model import Transformer
+from transformer_jax.model import Decodable, Ensemble, Transformer, check_members
 from transformer_jax.state import abstract_train_state
 from transformer_jax.workdir import Workdir
 
@@ -50,10 +50,16 @@ class Translator:
     rules: sharding.LogicalRules
     # Another engine with bind(params, settings) -> DecodeRows (CTranslate2); None: JAX.
     backend: Any = None
+    # An ensemble's models ((workdir, step) each; params then {"members_0": ..., ...}); a single
+    # model has none. config is then the ensemble's (the first member's, least max_len).
+    members: tuple[tuple[str, int], ...] = ()
+    member_configs: tuple[ModelConfig, ...] = ()
 
     @property
-    def model(self) -> Transformer:
-        """The flax module (pure: pass params to apply)."""
+    def model(self) -> Decodable:
+        """The flax module (pure: pass params to apply); an Ensemble for several models."""
+        if self.member_configs:
+            return Ensemble(self.member_configs)
         return Transformer(self.config)
 
     @functools.cached_property
@@ -61,7 +67,7 @@ class Translator:
         """What decodes: the JAX engine (jitted per settings and source bucket) or `backend`."""
         if self.backend is not None:
             return self.backend
-        return JaxEngine(self.config, self.mesh, self.rules)
+        return JaxEngine(self.config, self.mesh, self.rules, self.model)
 
     def translate(
         self,
@@ -154,6 +160,10 @@ class Translator:
                 "attention_weights needs the JAX model: load the training workdir, not the "
                 "CTranslate2 export"
             )
+        if self.member_configs:
+            raise ValueError(
+                "attention_weights: an ensemble has no single attention; load one model"
+            )
         if target is None:
             target = self.translate([source])[0]
         src = np.asarray([[*self.tokenizer.encode(source), EOS_ID]], np.int32)
@@ -189,8 +199,8 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def load(
-    workdir: epath.PathLike,
-    step: int | None = None,
+    workdir: epath.PathLike | Sequence[epath.PathLike],
+    step: int | Sequence[int | None] | None = None,
     *,
     mesh_shape: dict[str, int] | None = None,
     logical_axis_rules: Sequence[Sequence[Any]] | None = None,
@@ -205,35 +215,107 @@ def load(
     data parallel (parameters replicated); pass e.g. {"data": 1, "fsdp": -1} to shard them.
     engine="ctranslate2" opens a model exported by `python -m transformer_jax.export` instead
     (workdir is then the exported folder; device and compute_type go to CTranslate2).
+
+    Several models decode as one ensemble (the mean of their log-probabilities per step):
+    load([dir_a, dir_b]), load(dir, step=[2000, 2500]) (steps of one run), or a list of both,
+    one step per workdir. They must share the vocabulary and tokenizer (refused by name).
     """
     mesh = sharding.make_mesh(mesh_shape or sharding.DATA_PARALLEL)
     # Each process feeds its own sentences: a 'tensor' group across processes would mix them.
     sharding.check_mesh_feeds_consistent_rows(mesh)
     rules = sharding.rules_from_config(logical_axis_rules)
+    members = _members(workdir, step)
     if engine == "ctranslate2":
-        backend = CTranslate2Engine(workdir, device=device, compute_type=compute_type)
+        if len(members) > 1:
+            raise ValueError("engine='ctranslate2' decodes one exported model; ensembles: 'jax'")
+        folder = os.fspath(members[0][0])
+        backend = CTranslate2Engine(folder, device=device, compute_type=compute_type)
         return Translator(
             config=backend.config,
             params=None,
             tokenizer=backend.tokenizer,
             step=int(backend.meta["step"]),
-            workdir=epath.Path(os.fspath(workdir)),
+            workdir=epath.Path(folder),
             mesh=mesh,
             rules=rules,
             backend=backend,
         )
-    run = Workdir(workdir)
+    loaded = [_load_one(Workdir(w), s, mesh, rules) for w, s in members]
+    config, params, tokenizer, first_step = loaded[0]
+    if len(loaded) == 1:
+        log.info("Loaded %s step %d (%s)", members[0][0], first_step, config)
+        return Translator(
+            config=config,
+            params=params,
+            tokenizer=tokenizer,
+            step=first_step,
+            workdir=Workdir(members[0][0]).path,
+            mesh=mesh,
+            rules=rules,
+        )
+    configs = tuple(c for c, _, _, _ in loaded)
+    for (w, _), (_, _, other, _) in zip(members[1:], loaded[1:], strict=True):
+        _check_same_tokenizer(tokenizer, other, members[0][0], w)
+    check_members(configs)
+    ensemble = Ensemble(configs)
+    named = tuple((os.fspath(w), s) for (w, _), (_, _, _, s) in zip(members, loaded, strict=True))
+    log.info("Loaded an ensemble of %d models: %s", len(named), named)
+    return Translator(
+        config=ensemble.config,
+        params={f"members_{i}": p for i, (_, p, _, _) in enumerate(loaded)},
+        tokenizer=tokenizer,
+        step=first_step,
+        workdir=Workdir(members[0][0]).path,
+        mesh=mesh,
+        rules=rules,
+        members=named,
+        member_configs=configs,
+    )
+
+
+def _members(
+    workdir: epath.PathLike | Sequence[epath.PathLike], step: int | Sequence[int | None] | None
+) -> list[tuple[epath.PathLike, int | None]]:
+    """(workdir, step) of each model load() was asked for."""
+    single = isinstance(workdir, str | os.PathLike)
+    workdirs = [workdir] if single else list(workdir)  # type: ignore[list-item]
+    if step is None or isinstance(step, int):
+        return [(w, step) for w in workdirs]
+    steps = list(step)
+    if single:
+        return [(workdirs[0], s) for s in steps]
+    if len(steps) != len(workdirs):
+        raise ValueError(
+            f"step: {len(steps)} steps for {len(workdirs)} workdirs; give one step per workdir, "
+            "or one workdir with several steps"
+        )
+    return list(zip(workdirs, steps, strict=True))
+
+
+def _load_one(
+    run: Workdir, step: int | None, mesh: Mesh, rules: sharding.LogicalRules
+) -> tuple[ModelConfig, Any, Tokenizer, int]:
     config = run.read_model_config()
     tokenizer = run.load_tokenizer(config.vocab_size)
     abstract = abstract_train_state(config, mesh, rules).params
-    params, step = run.restore_params(step, abstract)
-    log.info("Loaded %s step %d (%s)", run, step, config)
-    return Translator(
-        config=config,
-        params=params,
-        tokenizer=tokenizer,
-        step=step,
-        workdir=run.path,
-        mesh=mesh,
-        rules=rules,
+    params, found = run.restore_params(step, abstract)
+    return config, params, tokenizer, found
+
+
+def _check_same_tokenizer(a: Tokenizer, b: Tokenizer, a_dir: Any, b_dir: Any) -> None:
+    """Raise ValueError naming both workdirs unless the two tokenizers have the same pieces."""
+    pieces_a = [a.id_to_piece(i) for i in range(a.vocab_size)]
+    pieces_b = [b.id_to_piece(i) for i in range(b.vocab_size)]
+    if pieces_a == pieces_b and type(a) is type(b):
+        return
+    if len(pieces_a) != len(pieces_b):
+        why = f"{len(pieces_b)} pieces against {len(pieces_a)}"
+    elif type(a) is not type(b):
+        why = f"a {type(b).__name__} against a {type(a).__name__}"
+    else:
+        i = next(i for i, (x, y) in enumerate(zip(pieces_a, pieces_b, strict=True)) if x != y)
+        why = f"id {i} is {pieces_b[i]!r} against {pieces_a[i]!r}"
+    raise ValueError(
+        f"{b_dir}: its tokenizer differs from {a_dir}'s ({why}); an ensemble needs models "
+        "of one vocabulary"
     )

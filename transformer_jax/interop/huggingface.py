@@ -220,6 +220,11 @@ def _read_config(folder: Path) -> dict[str, Any]:
             raise ValueError(
                 f"{path}: {field}={value!r} must be an id below vocab_size={marian['vocab_size']}"
             )
+    if marian["decoder_start_token_id"] == marian["eos_token_id"]:
+        raise ValueError(
+            f"{path}: decoder_start_token_id={marian['decoder_start_token_id']} equals "
+            "eos_token_id; a decoder that starts from EOS is not supported"
+        )
     return marian
 
 
@@ -388,8 +393,11 @@ def _load_pytorch(path: Path) -> dict[str, np.ndarray]:
         import torch
     except ImportError as e:
         raise ValueError(f'{path}: reading it needs torch: pip install -e ".[hf]"') from e
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() for k, v in state.items()}
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() for k, v in state.items()}
+    except Exception as e:  # torch raises RuntimeError, pickle errors, ... for bad files
+        raise ValueError(f"{path}: cannot be read as PyTorch weights ({e})") from e
 
 
 def _read_params(
@@ -523,7 +531,7 @@ def marian_files(
     problems = unsupported(config)
     if problems:
         raise ValueError(
-            "a MarianMTModel cannot express this model: ModelConfig."
+            "a MarianMTModel cannot express this model (model_config.json): ModelConfig."
             + "; ModelConfig.".join(problems)
         )
     ours = vocabulary(tokenizer, config.vocab_size)

@@ -401,9 +401,12 @@ class Transformer(nn.Module):
 
 
 def init_cache(
-    model: Transformer, params: dict, encoded_BxSxD: Array, src_ids_BxS: Array, max_length: int
+    model: nn.Module, params: dict, encoded_BxSxD: Any, src_ids_BxS: Array, max_length: int
 ) -> dict:
-    """Create the decoding cache for a batch: self-attention slots and projected encoder output."""
+    """Create the decoding cache for a batch: self-attention slots and projected encoder output.
+
+    model is a Transformer or anything with its encode/decode methods (an Ensemble).
+    """
     dummy_BxT = jnp.zeros((src_ids_BxS.shape[0], max_length), jnp.int32)
     _, variables = model.apply(
         {"params": params},
@@ -412,38 +415,43 @@ def init_cache(
         dummy_BxT,
         decode=True,
         mutable=["cache"],
-        method=Transformer.decode,
+        method="decode",
     )
     return variables["cache"]
 
 
-def reorder_cache(config: ModelConfig, cache: dict, rows_R: Array) -> dict:
-    """Gather the cache's per-row leaves (attention.PER_ROW_CACHE) by row index; keep the rest.
+def _row_axis(path: tuple[Any, ...]) -> int:
+    """Rows are axis 0 of a cache leaf, or 1 under nn.scan (its leading axis is the layer).
 
-    Under config.scan_layers every cache leaf carries a leading layer axis, so rows are axis 1.
+    Read from the leaf's path (a scanned stack's scope is named "layers"), so one cache may
+    hold scanned and unscanned members (an Ensemble of both).
     """
-    axis = 1 if config.scan_layers else 0
+    return 1 if any(getattr(k, "key", None) == "layers" for k in path) else 0
+
+
+def reorder_cache(cache: dict, rows_R: Array) -> dict:
+    """Gather the cache's per-row leaves (attention.PER_ROW_CACHE) by row index; keep the rest."""
 
     def reorder(path: tuple[Any, ...], leaf: Array) -> Array:
         if getattr(path[-1], "key", None) not in PER_ROW_CACHE:
             return leaf
         # Indices are in range by construction; "clip" skips the default "fill" mode's masking
         # pass over the whole gathered cache.
-        return jnp.take(leaf, rows_R, axis=axis, mode="clip")
+        return jnp.take(leaf, rows_R, axis=_row_axis(path), mode="clip")
 
     return jax.tree_util.tree_map_with_path(reorder, cache)
 
 
-def grow_cache(config: ModelConfig, cache: dict, capacity: int) -> dict:
+def grow_cache(cache: dict, capacity: int) -> dict:
     """The cache with capacity slots: its per-row leaves padded along the length axis.
 
     The new slots are never read before they are written: each step's mask stops at its index.
     """
-    axis = 2 if config.scan_layers else 1
 
     def grow(path: tuple[Any, ...], leaf: Array) -> Array:
         if getattr(path[-1], "key", None) not in PER_ROW_CACHE:
             return leaf
+        axis = _row_axis(path) + 1
         pad = [(0, 0)] * leaf.ndim
         pad[axis] = (0, capacity - leaf.shape[axis])
         return jnp.pad(leaf, pad)

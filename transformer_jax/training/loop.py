@@ -34,7 +34,7 @@ class TrainResult:
     """What a run did: last step, why it stopped, and its final figures."""
 
     step: int
-    stopped_by: str  # "finished" | "preempted" | "stopped"
+    stopped_by: str  # "finished" | "early_stopped" | "preempted" | "stopped"
     final_metrics: dict[str, float]
     workdir: epath.Path
 
@@ -54,6 +54,9 @@ class _Run:
     train_iter: Any = None
     counter: inputs.StreamCounter = dataclasses.field(default_factory=inputs.StreamCounter)
     guard: FiniteGuard | None = None
+    # train.keep_best: the best validation BLEU so far, and evaluations since it was reached.
+    best_bleu: float | None = None
+    evals_without_improvement: int = 0
 
 
 def train_and_evaluate(
@@ -90,8 +93,9 @@ def train_and_evaluate(
         state, step, stopped_by = _train(parts, state, rng, stop_after)
     finally:
         ckpt.close()
-    if stopped_by == "finished":
-        _validate(parts, state.params, step)
+    if stopped_by in ("finished", "early_stopped"):
+        if stopped_by == "finished":  # an early stop has just evaluated this step
+            _validate(parts, state.params, step)
         _test(parts, state.params, step)
     else:
         log.info(
@@ -110,9 +114,10 @@ def restore_or_init(run: _Run) -> tuple[TrainState, jax.Array]:
     Sets up run.train_iter, run.counter and run.guard to match.
     """
     program, config = run.program, run.config
-    initial = _params_only_start(run)
     while True:
-        resumed = None if initial else run.ckpt.restore_newest(program.abstract_state)
+        resumed = run.ckpt.restore_newest(program.abstract_state)
+        # None: no full checkpoint is readable; the newest may hold imported parameters.
+        initial = None if resumed is not None else _params_only_start(run)
         start, exact = inputs.resume_start(config, resumed.meta if resumed else None)
         run.train_iter = run.data.train_iterator(start)
         run.counter = inputs.StreamCounter(start)
@@ -129,6 +134,11 @@ def restore_or_init(run: _Run) -> tuple[TrainState, jax.Array]:
         ),
         skipped_total=resumed.meta.get("skipped_steps", 0) if resumed else 0,
     )
+    best = run.workdir.best.read_best() if config.train.keep_best else None
+    run.best_bleu = best["bleu"] if best else None
+    run.evals_without_improvement = (
+        resumed.meta.get("evals_without_improvement", 0) if resumed else 0
+    )
     if resumed is None:
         state = initial if initial is not None else program.init_state()
         return state, jax.random.key(program.seed)
@@ -140,13 +150,22 @@ def restore_or_init(run: _Run) -> tuple[TrainState, jax.Array]:
 def _params_only_start(run: _Run) -> TrainState | None:
     """The first state of a run whose newest checkpoint holds parameters alone, else None.
 
-    convert --from-huggingface and average write such checkpoints: training starts from their
-    parameters, at their step, with a fresh optimizer and the data stream from its beginning.
-    Once the run saves a full checkpoint (a later step), resuming reads that one as usual.
+    convert --from-huggingface writes one at step 0: training starts from its parameters with
+    a fresh optimizer and the data stream from its beginning. Once the run saves a full
+    checkpoint (a later step), resuming reads that one as usual. (average's, at a later step,
+    are refused: see below.)
     """
     steps = run.ckpt.steps()
     if not steps or not run.ckpt.params_only(steps[-1]):
         return None
+    if steps[-1] != 0:
+        # The optimizer's own step count would restart at 0 under a state at this step (the
+        # learning rate applied and the one logged would differ): only step 0 starts a run.
+        raise ValueError(
+            f"{run.ckpt.directory / str(steps[-1])}: holds parameters only (an averaged "
+            "workdir?); train.py starts from such a checkpoint only at step 0 (what convert "
+            "writes). Train on from the full checkpoints of the run it came from instead."
+        )
     abstract = run.program.abstract_state
     params, step = run.workdir.restore_params(steps[-1], abstract.params)
     log.info(
@@ -155,9 +174,7 @@ def _params_only_start(run: _Run) -> TrainState | None:
         step,
         run.ckpt.directory,
     )
-    state = run.program.init_state()
-    step_array = jax.device_put(jnp.asarray(step, jnp.int32), abstract.step.sharding)
-    return dataclasses.replace(state, params=params, step=step_array)
+    return dataclasses.replace(run.program.init_state(), params=params)  # at step 0
 
 
 def _restore_stream(run: _Run, resumed: Restored) -> bool:
@@ -197,9 +214,9 @@ def _train(
     bar = _progress_bar(train.num_steps, start)
     pending: list[dict[str, jax.Array]] = []
     interval_start = time.perf_counter()
-    step, stopped_by = start, "finished"
+    step, stopped_by = start, "early_stopped" if _patience_exhausted(run) else "finished"
     with Preemption() as preemption, contextlib.closing(bar):
-        while step < train.num_steps:
+        while step < train.num_steps and stopped_by == "finished":
             host_batch = next(run.train_iter)
             run.counter.count(host_batch)
             batch = sharding.to_global(host_batch, program.rows)
@@ -216,12 +233,14 @@ def _train(
                 guard.check(step)  # never spend an evaluation on a poisoned state
                 _validate(run, state.params, step)
                 interval_start = time.perf_counter()
+            _keep_for_average(run, step, state.params)
             if run.ckpt.due(step):
                 _save(run, step, state, rng)
             preempted = preemption.should_stop(step)
             if preempted or (stop_after is not None and step >= stop_after):
                 stopped_by = "preempted" if preempted else "stopped"
-                break
+            elif _patience_exhausted(run):
+                stopped_by = "early_stopped"
     if not run.ckpt.has(step):
         _save(run, step, state, rng)
     run.ckpt.wait()
@@ -238,9 +257,59 @@ def _save(run: _Run, step: int, state: TrainState, rng: jax.Array) -> None:
     except ValueError as e:
         raise NonFiniteError(f"step {step}: {e}; it is not saved.") from e
     position = run.counter.position(run.train_iter)
-    meta = {"data": position.to_json(), "skipped_steps": run.guard.skipped_total}
+    meta = {
+        "data": position.to_json(),
+        "skipped_steps": run.guard.skipped_total,
+        "evals_without_improvement": run.evals_without_improvement,
+    }
     run.ckpt.save(step, state, run.train_iter, rng, meta)
     run.guard.saved(step)
+
+
+def _keep_for_average(run: _Run, step: int, params: Any) -> None:
+    """Save this step's parameters if train.average_last averages them (and they are finite)."""
+    store = run.workdir.average_checkpoints
+    if step not in experiment.average_steps(run.config) or step in store.steps():
+        return
+    assert run.guard is not None
+    run.guard.check(step)
+    try:
+        require_finite(params, "its parameters")
+    except ValueError as e:
+        raise NonFiniteError(f"step {step}: {e}; they are not kept for averaging.") from e
+    store.save(step, params)
+
+
+def _patience_exhausted(run: _Run) -> bool:
+    """Whether train.early_stopping_patience evaluations have passed without a new best."""
+    patience = run.config.train.early_stopping_patience
+    if not patience or run.evals_without_improvement < patience:
+        return False
+    log.info(
+        "Early stop: %d evaluations without a validation BLEU above %.2f (best in %s).",
+        run.evals_without_improvement,
+        run.best_bleu or 0.0,
+        run.workdir.best,
+    )
+    return True
+
+
+def _keep_best(run: _Run, params: Any, step: int, scores: dict[str, Any]) -> None:
+    """train.keep_best: make step the best checkpoint if its validation BLEU beats the best."""
+    if not run.config.train.keep_best:
+        return
+    if run.best_bleu is not None and scores["bleu"] <= run.best_bleu:
+        run.evals_without_improvement += 1
+        return
+    run.best_bleu, run.evals_without_improvement = scores["bleu"], 0
+    record = {"bleu": scores["bleu"], "signature": scores["signature"]}
+    run.workdir.best.write_best(step, params, record, run.workdir)
+    log.info(
+        "step %d: best validation BLEU so far (%.2f), kept in %s",
+        step,
+        scores["bleu"],
+        run.workdir.best,
+    )
 
 
 def _log_start(run: _Run, state: TrainState, start: int) -> None:
@@ -308,12 +377,19 @@ def _log_interval(
 
 def _greedy(run: _Run, params: Any) -> evaluation.DecodeRows:
     """The loop's decoder: greedy, under the config's output caps (fast, not the paper's beam)."""
-    settings = DecodeSettings(
-        method="greedy",
-        extra_length=run.config.decode.extra_length,
-        max_length=run.config.decode.max_length,
+    return run.engine.bind(params, _settings(run.config, greedy=True))
+
+
+def _settings(config: ml_collections.ConfigDict, *, greedy: bool) -> DecodeSettings:
+    """Greedy, or the config's decoding (decode.beam_size 1 is greedy too), with its caps."""
+    beam = config.decode.beam_size
+    return DecodeSettings(
+        method="greedy" if greedy or beam == 1 else "beam",
+        beam_size=1 if greedy else beam,
+        alpha=config.decode.alpha,
+        extra_length=config.decode.extra_length,
+        max_length=config.decode.max_length,
     )
-    return run.engine.bind(params, settings)
 
 
 def _validate(run: _Run, params: Any, step: int) -> None:
@@ -349,32 +425,42 @@ def _validate(run: _Run, params: Any, step: int) -> None:
         time.perf_counter() - start,
     )
     run.final.update({f"validation_{k}": v for k, v in values.items()})
+    _keep_best(run, params, step, scores)
 
 
 def _test(run: _Run, params: Any, step: int) -> None:
-    """Decode the whole test split, print samples, write hypotheses and the score."""
+    """Score the test split: greedy, the config's decoding, the average and the best; results.json.
+
+    Every row names its checkpoint steps, decoding settings and sacreBLEU / chrF signatures;
+    test.hyp.txt holds the greedy translations of the last step, as before rows existed.
+    """
     config = run.config
     split = config.data.test_split
     if not split:
         return
     pairs = list(experiment.load_split(config, split))
-    hypotheses = evaluation.translate(
-        _greedy(run, params),
-        run.data.tokenizer,
-        [source for source, _ in pairs],
-        batch_size=config.data.eval_batch_size,
-        max_source_length=config.data.max_source_length,
-        progress=True,
-    )
-    scores = evaluation.score(hypotheses, [target for _, target in pairs])
-    evaluation.write_hypotheses(run.workdir.hypotheses_path(split), hypotheses)
+    greedy = _settings(config, greedy=True)
+    wanted = _settings(config, greedy=False)
+    first, hypotheses = _test_row(run, pairs, "last", [step], params, greedy, split)
+    rows = [first]
+    if wanted != greedy:
+        rows.append(_test_row(run, pairs, "last", [step], params, wanted, f"{split}.beam")[0])
+    averaged = _averaged(run)
+    if averaged is not None:
+        name = f"averaged_last{len(averaged[0])}"
+        rows.append(_test_row(run, pairs, name, *averaged, wanted, f"{split}.{name}")[0])
+    best = _best(run)
+    if best is not None:
+        rows.append(_test_row(run, pairs, "best", *best, wanted, f"{split}.best")[0])
     run.workdir.write_results(
         {
+            # The greedy score of the last step, as results.json held before it had rows.
             "step": step,
             "split": split,
-            "bleu": scores["bleu"],
-            "signature": scores["signature"],
-            "num_sentences": len(hypotheses),
+            "bleu": first["bleu"],
+            "signature": first["signature"],
+            "num_sentences": first["num_sentences"],
+            "rows": rows,
         }
     )
     samples = "\n".join(
@@ -382,16 +468,104 @@ def _test(run: _Run, params: Any, step: int) -> None:
         for (src, ref), hyp in list(zip(pairs, hypotheses, strict=True))[: config.train.num_samples]
     )
     log.info("Sample translations (%s split):\n%s", split, samples)
+    run.writer.text(step, "test/samples", samples)
+    run.final["test_bleu"] = first["bleu"]
+    for row in rows[1:]:
+        run.final[f"test_bleu_{row['name']}_{row['decoding']['method']}"] = row["bleu"]
+
+
+def _test_row(
+    run: _Run,
+    pairs: list[tuple[str, str]],
+    name: str,
+    steps: list[int],
+    params: Any,
+    settings: DecodeSettings,
+    hypotheses_name: str,
+) -> tuple[dict[str, Any], list[str]]:
+    """Decode the test sources with one set of parameters; write them; (row, hypotheses)."""
+    config = run.config
+    hypotheses = evaluation.translate(
+        run.engine.bind(params, settings),
+        run.data.tokenizer,
+        [source for source, _ in pairs],
+        batch_size=config.data.eval_batch_size,
+        max_source_length=config.data.max_source_length,
+        progress=True,
+    )
+    scores = evaluation.score(hypotheses, [target for _, target in pairs])
+    path = run.workdir.hypotheses_path(hypotheses_name)
+    evaluation.write_hypotheses(path, hypotheses)
+    decoding = {
+        k: getattr(settings, k)
+        for k in ("method", "beam_size", "alpha", "extra_length", "max_length")
+    }
+    if settings.method == "greedy":
+        decoding.pop("alpha")
+    label = f"{name} step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))}"
+    how = settings.method + (
+        f" {settings.beam_size}, alpha {settings.alpha}" if settings.method == "beam" else ""
+    )
     log.info(
-        "Test (%s, %d sentences): sacreBLEU %.2f  %s",
-        split,
+        "Test (%s, %d sentences; %s; %s): sacreBLEU %.2f chrF %.2f  %s",
+        config.data.test_split,
         len(hypotheses),
+        label,
+        how,
         scores["bleu"],
+        scores["chrf"],
         scores["signature"],
     )
-    run.writer.scalars(step, {"test/bleu": scores["bleu"]})
-    run.writer.text(step, "test/samples", samples)
-    run.final["test_bleu"] = scores["bleu"]
+    last_greedy = (name, settings.method) == ("last", "greedy")  # "test/bleu" as it always was
+    key = "test/bleu" if last_greedy else f"test/bleu_{name}_{settings.method}"
+    run.writer.scalars(steps[-1], {key: scores["bleu"]})
+    row = {
+        "name": name,
+        "steps": steps,
+        "decoding": decoding,
+        "bleu": scores["bleu"],
+        "chrf": scores["chrf"],
+        "signature": scores["signature"],
+        "chrf_signature": scores["chrf_signature"],
+        "num_sentences": len(hypotheses),
+        "hypotheses": path.name,
+    }
+    return row, hypotheses
+
+
+def _averaged(run: _Run) -> tuple[list[int], Any] | None:
+    """(steps, mean parameters) of train.average_last, written as WORKDIR/averaged_last<N>/."""
+    wanted = experiment.average_steps(run.config)
+    if not wanted:
+        return None
+    store = run.workdir.average_checkpoints
+    missing = sorted(set(wanted) - set(store.steps()))
+    if missing:
+        log.warning(
+            "Not averaging: steps %s of %s were never reached or saved in %s (an early stop "
+            "ends the run before them).",
+            missing,
+            wanted,
+            store.directory,
+        )
+        return None
+    mean = store.mean(wanted, run.program.abstract_state.params)
+    output = Workdir(run.workdir.averaged_dir(len(wanted)))
+    if jax.process_index() == 0:
+        run.workdir.copy_metadata_to(output)
+        output.write_averaged_from(run.workdir, wanted)
+    output.save_params(max(wanted), mean)
+    return wanted, mean
+
+
+def _best(run: _Run) -> tuple[list[int], Any] | None:
+    """([step], parameters) of the best checkpoint by validation BLEU (train.keep_best)."""
+    best = run.workdir.best
+    record = best.read_best() if run.config.train.keep_best else None
+    if record is None:
+        return None
+    params, step = best.restore_params(int(record["step"]), run.program.abstract_state.params)
+    return [step], params
 
 
 def new_workdir(root: str = "runs") -> Path:
