@@ -15,7 +15,8 @@ from transformer_jax import evaluate, load
 from transformer_jax.config import BOS_ID, EOS_ID, PAD_ID
 from transformer_jax.data.tokenizer import train_tokenizer
 from transformer_jax.inference.decode import beam_search, greedy_decode, length_penalty
-from transformer_jax.model import Ensemble, check_members
+from transformer_jax.model import Ensemble, check_members, stack_layer_params
+from transformer_jax.workdir import Workdir
 
 SOURCES = [
     "The teacher buys twenty-one red bags.",
@@ -110,6 +111,25 @@ def test_an_ensemble_of_two_checkpoints_is_the_mean_of_their_log_probs(
         assert not np.array_equal(alone, tokens) or not np.allclose(
             np.asarray(_greedy(member.model, member.params, src)[1]), scores, atol=1e-3
         )
+
+
+def test_scanned_and_unscanned_members_decode_together(
+    trained_workdir: Path, tmp_path: Path
+) -> None:
+    scanned = tmp_path / "scanned"
+    source = Workdir(trained_workdir)
+    source.copy_metadata_to(Workdir(scanned))
+    (scanned / "model_config.json").unlink()
+    b = load(trained_workdir, 10)
+    Workdir(scanned).write_model_config(b.config.replace(scan_layers=True))
+    Workdir(scanned).save_params(10, stack_layer_params(b.params))
+    plain = load([trained_workdir, trained_workdir], step=[30, 10])
+    mixed = load([trained_workdir, scanned], step=[30, 10])
+    src = _src(plain)
+    want = beam_search(plain.model, plain.params, src, beam_size=3, max_length=MAX_LENGTH)
+    got = beam_search(mixed.model, mixed.params, src, beam_size=3, max_length=MAX_LENGTH)
+    np.testing.assert_array_equal(want[0], got[0])
+    np.testing.assert_allclose(want[1], got[1], atol=1e-5)
 
 
 def test_mismatched_tokenizers_and_vocabularies_are_refused(

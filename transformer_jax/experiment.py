@@ -149,6 +149,12 @@ def validate(
             "must be an integer >= 0 (0 = off)",
         ),
         (
+            not (config.train.early_stopping_patience and config.train.average_last),
+            "train.early_stopping_patience",
+            "cannot go with train.average_last: an early stop ends the run before the steps "
+            "it averages (the last ones); set one of them to 0",
+        ),
+        (
             not config.train.early_stopping_patience
             or (config.train.keep_best and config.train.eval_every > 0),
             "train.early_stopping_patience",

@@ -148,11 +148,19 @@ class Workdir:
         """
         if jax.process_index() == 0:
             source.copy_metadata_to(self)
-        ParamsCheckpoints(self.checkpoint_dir, max_to_keep=1).save(step, params)
+        store = ParamsCheckpoints(self.checkpoint_dir)
+        # Saved, then recorded, then the older best deleted: a kill in between leaves a record
+        # that names a step on disk. A step saved before (a resumed run reaching it again, with
+        # the same parameters) is not saved twice.
+        if process0_says(step not in store.steps()):
+            store.save(step, params)
         if jax.process_index() == 0:
             tmp = self.path / f"{self.BEST_RECORD}.tmp"
             tmp.write_text(json.dumps({"step": step, **record}, indent=2) + "\n")
             tmp.replace(self.path / self.BEST_RECORD)
+            for old in store.steps():
+                if old != step:
+                    (self.checkpoint_dir / str(old)).rmtree()
 
     def averaged_dir(self, last: int) -> epath.Path:
         """Where `average --last N` writes its workdir by default."""
@@ -360,20 +368,38 @@ class ParamsCheckpoints:
 
 
 def mean_params(trees: Iterable[Any], abstract_params: Any) -> Any:
-    """The element-wise mean of parameter trees, summed in float64 on the host, one at a time.
+    """The element-wise mean of parameter trees, one tree in memory at a time; None if none.
 
-    Float64 sums make the mean independent of the order; None if trees is empty.
+    Where this process holds every shard, sums are float64 on the host (the mean does not
+    depend on the order); parameters sharded across processes (FSDP on a pod) are summed in
+    float32 on their devices. The mean is placed in abstract_params' shardings.
     """
     total: Any = None
     count = 0
     for tree in trees:
-        host = jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
-        total = host if total is None else jax.tree.map(np.add, total, host)
+        local = all(x.is_fully_addressable for x in jax.tree.leaves(tree))
+        part = jax.tree.map(
+            (lambda x: np.asarray(x, np.float64)) if local else (lambda x: x.astype(jnp.float32)),
+            tree,
+        )
+        total = part if total is None else jax.tree.map(lambda a, b: a + b, total, part)
         count += 1
-        del tree, host
+        del tree, part
     if total is None:
         return None
-    return jax.tree.map(lambda x, a: (x / count).astype(a.dtype), total, abstract_params)
+
+    def place(x: Any, a: Any) -> jax.Array:
+        mean = (x / count).astype(a.dtype)
+        return jax.device_put(mean, a.sharding) if getattr(a, "sharding", None) else mean
+
+    return jax.tree.map(place, total, abstract_params)
+
+
+def process0_says(flag: bool) -> bool:
+    """Process 0's value of flag on every process (a file listing may lag on other hosts)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
 
 
 def restore_params_in(

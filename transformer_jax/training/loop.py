@@ -24,7 +24,13 @@ from transformer_jax.training import inputs, loss, metrics
 from transformer_jax.training.guard import FiniteGuard, NonFiniteError
 from transformer_jax.training.preemption import Preemption
 from transformer_jax.training.program import Program, build
-from transformer_jax.workdir import Checkpoints, Restored, Workdir, require_finite
+from transformer_jax.workdir import (
+    Checkpoints,
+    Restored,
+    Workdir,
+    process0_says,
+    require_finite,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,7 @@ class _Run:
     guard: FiniteGuard | None = None
     # train.keep_best: the best validation BLEU so far, and evaluations since it was reached.
     best_bleu: float | None = None
+    best_step: int | None = None
     evals_without_improvement: int = 0
 
 
@@ -134,8 +141,10 @@ def restore_or_init(run: _Run) -> tuple[TrainState, jax.Array]:
         ),
         skipped_total=resumed.meta.get("skipped_steps", 0) if resumed else 0,
     )
-    best = run.workdir.best.read_best() if config.train.keep_best else None
-    run.best_bleu = best["bleu"] if best else None
+    # The best as of the checkpoint resumed (best.json may already name a later step, which
+    # this run will reach and evaluate again).
+    best = resumed.meta.get("best") if resumed else None
+    run.best_bleu, run.best_step = (best["bleu"], best["step"]) if best else (None, None)
     run.evals_without_improvement = (
         resumed.meta.get("evals_without_improvement", 0) if resumed else 0
     )
@@ -261,6 +270,7 @@ def _save(run: _Run, step: int, state: TrainState, rng: jax.Array) -> None:
         "data": position.to_json(),
         "skipped_steps": run.guard.skipped_total,
         "evals_without_improvement": run.evals_without_improvement,
+        "best": None if run.best_step is None else {"bleu": run.best_bleu, "step": run.best_step},
     }
     run.ckpt.save(step, state, run.train_iter, rng, meta)
     run.guard.saved(step)
@@ -268,8 +278,10 @@ def _save(run: _Run, step: int, state: TrainState, rng: jax.Array) -> None:
 
 def _keep_for_average(run: _Run, step: int, params: Any) -> None:
     """Save this step's parameters if train.average_last averages them (and they are finite)."""
+    if step not in experiment.average_steps(run.config):
+        return
     store = run.workdir.average_checkpoints
-    if step not in experiment.average_steps(run.config) or step in store.steps():
+    if not process0_says(step not in store.steps()):  # kept before this run resumed
         return
     assert run.guard is not None
     run.guard.check(step)
@@ -296,12 +308,12 @@ def _patience_exhausted(run: _Run) -> bool:
 
 def _keep_best(run: _Run, params: Any, step: int, scores: dict[str, Any]) -> None:
     """train.keep_best: make step the best checkpoint if its validation BLEU beats the best."""
-    if not run.config.train.keep_best:
+    if not run.config.train.keep_best or step == run.best_step:  # the best itself, again
         return
     if run.best_bleu is not None and scores["bleu"] <= run.best_bleu:
         run.evals_without_improvement += 1
         return
-    run.best_bleu, run.evals_without_improvement = scores["bleu"], 0
+    run.best_bleu, run.best_step, run.evals_without_improvement = scores["bleu"], step, 0
     record = {"bleu": scores["bleu"], "signature": scores["signature"]}
     run.workdir.best.write_best(step, params, record, run.workdir)
     log.info(
@@ -554,7 +566,9 @@ def _averaged(run: _Run) -> tuple[list[int], Any] | None:
     if jax.process_index() == 0:
         run.workdir.copy_metadata_to(output)
         output.write_averaged_from(run.workdir, wanted)
-    output.save_params(max(wanted), mean)
+    # A rerun of a finished run (or one preempted while decoding) has written it already.
+    if process0_says(max(wanted) not in output.steps()):
+        output.save_params(max(wanted), mean)
     return wanted, mean
 
 
