@@ -19,6 +19,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import BAD_CONFIG_VALUES, ROOT, checkpoint_params, tiny_train_config, with_value
+from etils import epath
 
 from transformer_jax import cpu_malloc, experiment
 from transformer_jax.config import PAD_ID, ModelConfig
@@ -428,8 +429,12 @@ def _load_config_file(path: Path):
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("[!_]*.py")), ids=lambda p: p.stem)
-def test_every_config_file_loads_and_validates(path: Path) -> None:
+def test_every_config_file_loads_and_validates(path: Path, tmp_path: Path) -> None:
     config = _load_config_file(path)
+    if config.get("model_from_workdir"):
+        # configs/finetune.py takes the model from the workdir it trains in: a tiny one here.
+        ModelConfig.preset("tiny").save(tmp_path / "model_config.json")
+        config = experiment.adopt_workdir_model(config, epath.Path(tmp_path / "model_config.json"))
     model_config = experiment.validate(config, jax.devices())
     assert isinstance(model_config, ModelConfig)
     # The model section is the whole ModelConfig: no field copied by hand or forgotten.
@@ -448,7 +453,11 @@ def test_paper_configs_carry_the_papers_recipe() -> None:
         assert config.optim.label_smoothing == 0.1
         assert config.data.tokens_per_batch == 25_000
         assert config.decode.extra_length == 50
+        # Section 6.1's reporting: beam 4, alpha 0.6, checkpoints 10 minutes apart averaged.
+        assert (config.decode.beam_size, config.decode.alpha) == (4, 0.6)
+        assert config.train.average_every == config.train.checkpoint_every
     assert (base.train.num_steps, big.train.num_steps) == (100_000, 300_000)
+    assert (base.train.average_last, big.train.average_last) == (5, 20)
 
 
 @pytest.mark.parametrize(("field", "value", "message"), BAD_CONFIG_VALUES)
