@@ -129,8 +129,12 @@ def _our_batch(translator, texts: list[str], side: str) -> np.ndarray:
     return out
 
 
-def _our_logits(translator, src: np.ndarray, tgt: np.ndarray) -> np.ndarray:
-    return np.asarray(translator.model.apply({"params": translator.params}, src, tgt))
+def _assert_same_logits(translator, src: np.ndarray, tgt: np.ndarray, hf_logits) -> None:
+    """Our teacher-forced logits equal transformers' (in our id order) on real targets, to 1e-4."""
+    logits = np.asarray(translator.model.apply({"params": translator.params}, src, tgt))
+    valid = tgt != PAD_ID
+    theirs = hf_logits[: len(tgt), : tgt.shape[1]]
+    np.testing.assert_allclose(logits[valid], theirs[valid], atol=1e-4)
 
 
 def _hf_logits(model: MarianMTModel, hf_tok: MarianTokenizer, pairs: list[tuple[str, str]]):
@@ -184,12 +188,7 @@ def test_imported_logits_and_greedy_equal_transformers(marian_folder: Path, impo
         np.testing.assert_array_equal(ours, mapped[:, : ours.shape[1]])
 
     # Teacher-forced logits, on every real target position, to 1e-4.
-    logits = _our_logits(translator, src, tgt)
-    hf_in_our_order = hf_logits[..., order]
-    valid = tgt != PAD_ID
-    np.testing.assert_allclose(
-        logits[valid], hf_in_our_order[: len(tgt), : tgt.shape[1]][valid], atol=1e-4
-    )
+    _assert_same_logits(translator, src, tgt, hf_logits[..., order])
 
     # Greedy: generate(num_beams=1) token for token. Marian's OPUS-MT generation configs ban
     # the pad piece, as our decoders always do.
@@ -239,11 +238,7 @@ def test_exported_default_model_loads_in_transformers_and_round_trips(
     src = _our_batch(translator, [s for s, _ in pairs], "source")
     tgt = _our_batch(translator, [t for _, t in pairs], "target")
     np.testing.assert_array_equal(src, batch["input_ids"].numpy()[:, : src.shape[1]])
-    logits = _our_logits(translator, src, tgt)
-    valid = tgt != PAD_ID
-    np.testing.assert_allclose(
-        logits[valid], hf_logits[: len(tgt), : tgt.shape[1]][valid], atol=1e-4
-    )
+    _assert_same_logits(translator, src, tgt, hf_logits)
 
     # The folder's own generation config (bans PAD and BOS, forces EOS at the cap).
     with torch.no_grad():

@@ -171,8 +171,8 @@ class VocabTokenizer(Tokenizer):
         vocab_path = epath.Path(vocab_json)
         pieces = read_vocab_json(vocab_path)
         return cls(
-            _load_processor(epath.Path(source_spm)),
-            _load_processor(epath.Path(target_spm)),
+            load_processor(epath.Path(source_spm)),
+            load_processor(epath.Path(target_spm)),
             pieces,
             str(vocab_path),
         )
@@ -260,7 +260,8 @@ def _split_language_code(text: str) -> tuple[list[str], str]:
     return [], text
 
 
-def _load_processor(path: epath.Path) -> spm.SentencePieceProcessor:
+def load_processor(path: epath.Path) -> spm.SentencePieceProcessor:
+    """A sentencepiece model file as a processor; missing or corrupt files are named."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing sentencepiece model")
     processor = spm.SentencePieceProcessor()

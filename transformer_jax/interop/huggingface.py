@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import sentencepiece as spm
+from etils import epath
 
 from transformer_jax.config import (
     EOS_ID,
@@ -39,7 +39,12 @@ from transformer_jax.config import (
     FeedForward,
     ModelConfig,
 )
-from transformer_jax.data.tokenizer import Tokenizer, VocabTokenizer, read_vocab_json
+from transformer_jax.data.tokenizer import (
+    Tokenizer,
+    VocabTokenizer,
+    load_processor,
+    read_vocab_json,
+)
 from transformer_jax.interop.ctranslate2 import vocabulary
 
 CONFIG = "config.json"
@@ -252,11 +257,7 @@ def _read_vocabulary(folder: Path, marian: dict[str, Any]) -> tuple[list[str], s
         path = folder / name
         if not path.exists():
             raise FileNotFoundError(f"{path}: missing; a Marian tokenizer needs {name}")
-        processor = spm.SentencePieceProcessor()
-        try:
-            processor.LoadFromSerializedProto(path.read_bytes())
-        except (RuntimeError, OSError) as e:
-            raise ValueError(f"{path}: not a valid sentencepiece model ({e})") from e
+        processor = load_processor(epath.Path(path))
         ordinary = [
             processor.id_to_piece(i)
             for i in range(processor.get_piece_size())
