@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from transformer_jax.config import BOS_ID, EOS_ID, PAD_ID, ModelConfig
+from transformer_jax.inference import decode as decode_module
 from transformer_jax.inference.decode import (
+    BeamState,
     beam_search,
     greedy_decode,
     length_penalty,
@@ -147,9 +149,19 @@ def test_beam_one_returns_a_greedy_prefix_at_least_as_good(setup: tuple) -> None
 
 
 def reference_beam_search(
-    model: Transformer, params: dict, src: np.ndarray, beam_size: int, alpha: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """The same search in plain Python over hypothesis lists, with full forward passes, no cache."""
+    model: Transformer,
+    params: dict,
+    src: np.ndarray,
+    beam_size: int,
+    alpha: float,
+    settled: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The same search in plain Python over hypothesis lists, with full forward passes, no cache.
+
+    A sentence is done when its bound cannot beat its `settled`-th best finished score (None:
+    the worst of beam_size, tensor2tensor's rule). Returns (best, scores, decoder steps run).
+    """
+    settled = settled or beam_size
     forward = jax.jit(lambda p, s, t: jax.nn.log_softmax(model.apply({"params": p}, s, t)))
     B, V = src.shape[0], CONFIG.vocab_size
     caps = np.minimum((src != PAD_ID).sum(axis=1) + EXTRA_LENGTH, MAX_LENGTH)
@@ -157,6 +169,7 @@ def reference_beam_search(
     finished: list[list[tuple[float, tuple[int, ...]]]] = [[] for _ in range(B)]
     done = [False] * B
     src_rep = np.repeat(src, beam_size, axis=0)
+    steps = MAX_LENGTH
     for i in range(MAX_LENGTH):
         # Any non-PAD filler after the prefix: position i only sees targets before it.
         tgt = np.full((B * beam_size, MAX_LENGTH), 4, np.int32)
@@ -186,21 +199,48 @@ def reference_beam_search(
             ]
             finished[b] = sorted(finished[b] + ended, reverse=True)[:beam_size]
             bound = alive[b][0][0] / float(length_penalty(caps[b], alpha)) if alive[b] else -np.inf
-            done[b] = len(finished[b]) == beam_size and bound <= finished[b][-1][0]
+            done[b] = len(finished[b]) >= settled and bound <= finished[b][settled - 1][0]
         if all(done):
+            steps = i + 1
             break
     out = np.full((B, MAX_LENGTH), PAD_ID, np.int32)
     for b in range(B):
         out[b, : len(finished[b][0][1])] = finished[b][0][1]
-    return out, np.array([f[0][0] for f in finished], np.float32)
+    return out, np.array([f[0][0] for f in finished], np.float32), steps
 
 
 def test_beam_search_matches_a_plain_python_reference(setup: tuple) -> None:
     model, params, src = setup
-    expected, expected_score = reference_beam_search(model, params, src, beam_size=4, alpha=0.6)
+    expected, expected_score, _ = reference_beam_search(model, params, src, beam_size=4, alpha=0.6)
     beam, score = jit_beam(model, beam_size=4, alpha=0.6)(params, src)
     np.testing.assert_array_equal(np.asarray(beam), expected)
     np.testing.assert_allclose(np.asarray(score), expected_score, rtol=1e-4)
+
+
+def test_beam_search_stops_once_the_returned_hypothesis_is_settled(
+    setup: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, params, src = setup
+    src = src[[3, 5, 6]]  # sentences that end before their cap (the cap ends the others)
+    expected, expected_score, t2t_steps = reference_beam_search(model, params, src, 4, 0.6)
+    settled, settled_score, settled_steps = reference_beam_search(model, params, src, 4, 0.6, 1)
+    # Stopping once the best cannot change gives tensor2tensor's result, in fewer steps.
+    np.testing.assert_array_equal(settled, expected)
+    np.testing.assert_array_equal(settled_score, expected_score)
+    assert settled_steps < t2t_steps, (settled_steps, t2t_steps)
+
+    steps_run: list[int] = []
+    finish = decode_module._best_hypotheses
+
+    def counting(state: BeamState, count: int, alpha: float) -> tuple:
+        jax.debug.callback(lambda step: steps_run.append(int(step)), state.step)
+        return finish(state, count, alpha)
+
+    monkeypatch.setattr(decode_module, "_best_hypotheses", counting)
+    beam, score = jit_beam(model, beam_size=4, alpha=0.6)(params, src)
+    np.testing.assert_array_equal(np.asarray(beam), expected)
+    np.testing.assert_allclose(np.asarray(score), expected_score, rtol=1e-4)
+    assert steps_run == [settled_steps]
 
 
 def test_beam_score_is_teacher_forced_log_prob_over_length_penalty(setup: tuple) -> None:

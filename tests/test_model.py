@@ -15,6 +15,7 @@ from transformer_jax.config import BOS_ID, PAD_ID, ModelConfig
 from transformer_jax.model import (
     Transformer,
     init_cache,
+    reorder_cache,
     shift_right,
     stack_layer_params,
     unstack_layer_params,
@@ -202,6 +203,69 @@ def test_cached_step_by_step_decoding_equals_full_forward(variant: str) -> None:
         cache = mutated["cache"]
         np.testing.assert_allclose(step_logits[:, 0], full[:, t], atol=1e-4, err_msg=f"step {t}")
         previous = tgt[:, t : t + 1]
+
+
+def test_a_beam_reorder_moves_histories_not_keys() -> None:
+    rng = np.random.default_rng(6)
+    src = random_ids(rng, (2, 6))
+    src[1, 4:] = PAD_ID
+    prefixes = random_ids(rng, (4, 3))  # two rows (hypotheses) per source
+    model, params = build(SMALL, src, src)
+    encoded = model.apply({"params": params}, src, method=Transformer.encode)
+    cache = init_cache(model, params, encoded, src, max_length=5, copies=2)
+    layer = cache["decoder"]["layer_0"]
+    assert layer["cross_attention"]["cross_key"].shape[0] == 2  # one memory per source
+    assert layer["self_attention"]["cached_key"].shape == (2, SMALL.kv_heads, 2 * 5, SMALL.head_dim)
+
+    def step(cache: dict, previous: np.ndarray) -> tuple[jax.Array, dict]:
+        logits, mutated = model.apply(
+            {"params": params, "cache": cache},
+            encoded,
+            src,
+            previous[:, None],
+            decode=True,
+            mutable=["cache"],
+            method=Transformer.decode,
+        )
+        return logits[:, 0], mutated["cache"]
+
+    previous = np.full((4,), BOS_ID, np.int32)
+    for t in range(3):
+        _, cache = step(cache, previous)
+        previous = prefixes[:, t]
+    # Row 0 continues row 1's history, row 1 keeps its own; source 1's rows both take row 2's.
+    rows = np.array([1, 1, 2, 2])
+    moved = reorder_cache(cache, jnp.asarray(rows))
+    for path in (("self_attention", "cached_key"), ("self_attention", "cached_value")):
+        np.testing.assert_array_equal(
+            moved["decoder"]["layer_1"][path[0]][path[1]],
+            cache["decoder"]["layer_1"][path[0]][path[1]],
+        )
+    logits, _ = step(moved, prefixes[rows, 2])
+    # Teacher-forced: each row's new history is the prefix of the row it took over.
+    targets = np.concatenate([prefixes[rows], random_ids(rng, (4, 1))], axis=1)
+    full = model.apply({"params": params}, np.repeat(src, 2, axis=0), targets)
+    np.testing.assert_allclose(logits, full[:, 3], atol=1e-4)
+
+
+def test_rows_that_do_not_match_the_sources_or_the_cache_are_refused() -> None:
+    rng = np.random.default_rng(7)
+    src = random_ids(rng, (2, 5))
+    model, params = build(SMALL, src, src)
+    with pytest.raises(ValueError, match="4 target rows for 2 sources"):
+        model.apply({"params": params}, src, random_ids(rng, (4, 3)))
+    encoded = model.apply({"params": params}, src, method=Transformer.encode)
+    cache = init_cache(model, params, encoded, src, max_length=4)  # one row per source
+    with pytest.raises(ValueError, match=r"4 rows step a cache made for 2.*copies="):
+        model.apply(
+            {"params": params, "cache": cache},
+            encoded,
+            src,
+            random_ids(rng, (4, 1)),
+            decode=True,
+            mutable=["cache"],
+            method=Transformer.decode,
+        )
 
 
 def test_cross_attention_keys_are_projected_once() -> None:

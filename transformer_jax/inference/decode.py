@@ -16,7 +16,10 @@ so the tokens are those of decoding into one buffer of max_length slots.
 Beam search keeps, per step, only what a step needs: each beam's 2W best next tokens are found
 first, then the joint best 2W among those W x 2W (not among W x V); every step writes the
 chosen tokens and their parent beams into [T, B, W] tables instead of gathering whole
-sequences, and the hypotheses are read back once at the end by following the parents.
+sequences, and the hypotheses are read back once at the end by following the parents. The
+cache never moves either: a reorder gathers only the decoder's small beam_origin table, and
+attention masks each hypothesis to its own history (model/attention.py). The loop stops as
+soon as the hypotheses it returns can no longer change.
 """
 
 from __future__ import annotations
@@ -81,17 +84,15 @@ def _mask_columns(
 
 def _encode_and_cache(
     model: Decodable, params: Any, src_ids_BxS: Array, capacity: int, copies: int
-) -> tuple[Array, Array, Any]:
-    """Encode once, repeat the encoder output and source `copies` times per row, build the cache."""
-    # An Ensemble's encoding is one array per member: repeated leaf by leaf.
+) -> tuple[Array, Any]:
+    """Encode once and build the cache with `copies` self-attention rows per source."""
+    # An Ensemble's encoding is one array per member. The encoder output is not repeated per
+    # beam: the decoder's cross-attention reads one copy for all of a source's rows.
     encoded_BxSxD: Any = model.apply({"params": params}, src_ids_BxS, method="encode")
-    if copies > 1:
-        encoded_BxSxD = jax.tree.map(lambda x: jnp.repeat(x, copies, axis=0), encoded_BxSxD)
-        src_ids_BxS = jnp.repeat(src_ids_BxS, copies, axis=0)
     # Under jit the sizing pass inside init_cache is dead code except the cross-attention
     # projection; XLA drops the rest, so building the cache costs one projection per layer.
-    cache = init_cache(model, params, encoded_BxSxD, src_ids_BxS, capacity)
-    return encoded_BxSxD, src_ids_BxS, cache
+    cache = init_cache(model, params, encoded_BxSxD, src_ids_BxS, capacity, copies)
+    return encoded_BxSxD, cache
 
 
 def _decoder_step(
@@ -168,9 +169,7 @@ def _sequential_decode(
     """
     B = src_ids_BxS.shape[0]
     capacities = cache_capacities(max_length)
-    encoded_BxSxD, src_ids_BxS, cache = _encode_and_cache(
-        model, params, src_ids_BxS, capacities[0], copies=1
-    )
+    encoded_BxSxD, cache = _encode_and_cache(model, params, src_ids_BxS, capacities[0], copies=1)
     limit_B = output_limits(src_ids_BxS, extra_length, max_length)
     rows_B = jnp.arange(B)
     start_id = model.config.decoder_start_id
@@ -342,7 +341,9 @@ def beam_search(
     A hypothesis reaching the sentence's cap (source length + extra_length, at most max_length)
     can only emit EOS; before min_length tokens EOS is blocked. The loop stops once no
     sentence's best alive log-prob, divided by the length penalty at its cap (the best it could
-    still score), beats its worst finished score.
+    still score), beats its N-th best finished score (N = num_hypotheses, default 1): nothing
+    found later could enter the N returned, so this is tensor2tensor's result (it waits for
+    the worst of W finished) in fewer steps.
 
     Returns:
       ([B, max_length] int32 best hypothesis per sentence, EOS then PAD; [B] float32 its score),
@@ -361,14 +362,12 @@ def beam_search(
         )
     B, W, T = src_ids_BxS.shape[0], beam_size, max_length
     capacities = cache_capacities(max_length)
-    encoded_BWxSxD, src_ids_BWxS, cache = _encode_and_cache(
-        model, params, src_ids_BxS, capacities[0], copies=W
-    )
+    encoded_BxSxD, cache = _encode_and_cache(model, params, src_ids_BxS, capacities[0], copies=W)
     limit_B = output_limits(src_ids_BxS, extra_length, max_length)
 
     def step(state: BeamState) -> BeamState:
         logits_BWxV, cache = _decoder_step(
-            model, params, state.cache, encoded_BWxSxD, src_ids_BWxS, state.last_BxW.reshape(-1)
+            model, params, state.cache, encoded_BxSxD, src_ids_BxS, state.last_BxW.reshape(-1)
         )
         token_BxW, parent_BxW, alive_logp_BxW, finished = _beam_choices(
             jax.nn.log_softmax(logits_BWxV),
@@ -393,9 +392,10 @@ def beam_search(
     best_possible_lp_B = length_penalty(limit_B, alpha)
 
     def is_open(state: BeamState) -> Array:
-        # Both are sorted best first (top_k): compare the best alive with the worst finished.
+        # Both are sorted best first (top_k): compare the best alive with the count-th
+        # finished, the last one returned (-inf while fewer than count have finished).
         best_alive_B = state.alive_logp_BxW[:, 0] / best_possible_lp_B
-        can_improve_B = best_alive_B > state.done_score_BxW[:, -1]
+        can_improve_B = best_alive_B > state.done_score_BxW[:, count - 1]
         return (state.step < max_length) & jnp.any(can_improve_B)
 
     def grow(state: BeamState, capacity: int) -> BeamState:

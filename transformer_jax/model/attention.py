@@ -16,12 +16,36 @@ Array = jax.Array
 
 ACT_BLHK = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 
-# The decoding cache's leaves that hold one row per decoded sequence: the self-attention keys and
-# values appended step by step. Everything else in the cache is shared by the rows that decode
-# the same source (the cross-attention memory, projected once) or is a step counter, so a beam
-# search that reorders its hypotheses gathers these leaves only.
+# The decoding cache: sources, heads, (rows per source x slots), head dimension.
+ACT_BHLK = ("activation_batch", "activation_heads", "activation_length", "activation_kv")
+
+# The self-attention decoding cache keeps each source's rows (beam search's hypotheses) side
+# by side in the layout attention reads, [B sources, G heads, W x C slots, K]: slot w * C + c
+# holds the key that physical row w wrote at step c. Beam search never moves these
+# buffers. A hypothesis that takes over another's history takes over its row of the
+# decoder-level BEAM_ORIGIN table instead ([B * W, C] int32: for each row and slot, the
+# physical row holding its key), and attention masks every (physical row, slot) pair that is
+# not in the hypothesis's own history. So a step reads each cached key once, with no gather
+# and no transpose; the W queries of a source share one matrix product.
 CACHED_KEY, CACHED_VALUE = "cached_key", "cached_value"
-PER_ROW_CACHE = frozenset({CACHED_KEY, CACHED_VALUE})
+BEAM_ORIGIN = "beam_origin"
+# The leaves a beam reorder gathers (axis 0: one row per hypothesis).
+PER_ROW_CACHE = frozenset({BEAM_ORIGIN})
+# Each growing leaf's slot axis (before any leading layer axis that nn.scan adds): W blocks
+# of C slots for keys and values, C slots for the origin table.
+CACHE_SLOT_AXIS = {CACHED_KEY: 2, CACHED_VALUE: 2, BEAM_ORIGIN: 1}
+
+
+def self_attention_step_mask(origin_RxC: Array, index: Array, copies: int) -> Array:
+    """[B, 1, W, W * C] mask for one step: query row q reads (row p, slot c) in its history.
+
+    origin_RxC is the BEAM_ORIGIN table (rows b * W + w); slots after index are not written.
+    """
+    R, C = origin_RxC.shape
+    origin_BxWxC = origin_RxC.reshape(R // copies, copies, C)
+    rows_1x1xWx1 = jnp.arange(copies)[None, None, :, None]
+    ours_BxWxWxC = (origin_BxWxC[:, :, None, :] == rows_1x1xWx1) & (jnp.arange(C) <= index)
+    return ours_BxWxWxC.reshape(R // copies, 1, copies, copies * C)
 
 
 def make_attention_mask(
@@ -78,6 +102,34 @@ def einsum_attention(
     return out_BxTxGxRxK.reshape(B, T, H, K), probs_BxHxTxS
 
 
+def cached_step_attention(
+    query_BxTxHxK: Array, key_BxGxSxK: Array, value_BxGxSxK: Array, mask_Bx1xTxS: Array
+) -> tuple[Array, Array]:
+    """One decoding step against the cache: T = W queries per source over its S = W x C slots.
+
+    The same softmax(Q K^T / sqrt(d_k)) V as einsum_attention, with both products in XLA's
+    batch-major order [B, G, ...] and the cache read as it is stored, so XLA:CPU neither
+    transposes nor copies it. Returns (output [B, T, H, K], probabilities [B, H, T, S]).
+    """
+    B, T, H, K = query_BxTxHxK.shape
+    G = key_BxGxSxK.shape[1]
+    R = H // G
+    query_BxTxHxK = query_BxTxHxK * jnp.asarray(1.0 / np.sqrt(K), query_BxTxHxK.dtype)
+    query_BxGxRxTxK = query_BxTxHxK.reshape(B, T, G, R, K).transpose(0, 2, 3, 1, 4)
+    scores_BxGxRxTxS = jnp.einsum(
+        "BGRTK,BGSK->BGRTS", query_BxGxRxTxK, key_BxGxSxK, preferred_element_type=jnp.float32
+    )
+    scores_BxGxRxTxS = jnp.where(
+        mask_Bx1xTxS[:, :, None], scores_BxGxRxTxS, jnp.finfo(jnp.float32).min
+    )
+    probs_BxGxRxTxS = jax.nn.softmax(scores_BxGxRxTxS.astype(jnp.float32), axis=-1)
+    out_BxGxRxTxK = jnp.einsum(
+        "BGRTS,BGSK->BGRTK", probs_BxGxRxTxS.astype(value_BxGxSxK.dtype), value_BxGxSxK
+    )
+    out_BxTxHxK = out_BxGxRxTxK.transpose(0, 3, 1, 2, 4).reshape(B, T, H, K)
+    return out_BxTxHxK, probs_BxGxRxTxS.reshape(B, H, T, -1)
+
+
 def fused_attention(
     query_BxTxHxK: Array, key_BxSxGxK: Array, value_BxSxGxK: Array, mask_Bx1xTxS: Array | None
 ) -> Array:
@@ -85,6 +137,12 @@ def fused_attention(
     return jax.nn.dot_product_attention(
         query_BxTxHxK, key_BxSxGxK, value_BxSxGxK, mask=mask_Bx1xTxS, implementation=None
     )
+
+
+def _group_rows(x_RxTx_: Array, copies: int) -> Array:
+    """[B * copies, T, ...] -> [B, copies * T, ...]: each source's consecutive rows side by side."""
+    rows, T = x_RxTx_.shape[:2]
+    return x_RxTx_.reshape(rows // copies, copies * T, *x_RxTx_.shape[2:])
 
 
 class HeadProjection(nn.Module):
@@ -170,31 +228,54 @@ class MultiHeadAttention(nn.Module):
         *,
         deterministic: bool,
         decode: bool = False,
+        copies: int = 1,
     ) -> Array:
-        """Attend from x to memory (memory is x itself for self-attention)."""
+        """Attend from x to memory (memory is x itself for self-attention).
+
+        When decoding, x may hold `copies` consecutive rows per source (beam hypotheses); a
+        cached self-attention step then takes the mask self_attention_step_mask builds.
+        """
         cfg = self.config
         H, G = cfg.num_heads, cfg.kv_heads
+        rows = x_BxTxD.shape[0]
 
         def projection(heads: int, name: str) -> HeadProjection:
             return HeadProjection(cfg, heads=heads, name=name)
 
         query_BxTxHxK = nn.with_logical_constraint(projection(H, "query")(x_BxTxD), ACT_BLHK)
+        heads_first = False
 
         if decode and self.is_cross_attention:
             key_BxSxGxK, value_BxSxGxK = self._cached_memory(
                 projection(G, "key"), projection(G, "value"), memory_BxSxD
             )
+            # A source's rows attend together to one copy of its memory, as one longer query.
+            copies = rows // key_BxSxGxK.shape[0]
+            if copies > 1:
+                query_BxTxHxK = _group_rows(query_BxTxHxK, copies)
+                if mask_Bx1xTxS is not None and mask_Bx1xTxS.shape[0] == rows:
+                    mask_Bx1xTxS = _group_rows(mask_Bx1xTxS.swapaxes(1, 2), copies).swapaxes(1, 2)
         else:
             key_BxSxGxK = projection(G, "key")(memory_BxSxD)
             value_BxSxGxK = projection(G, "value")(memory_BxSxD)
             if decode:
-                key_BxSxGxK, value_BxSxGxK, mask_Bx1xTxS = self._append_to_cache(
-                    key_BxSxGxK, value_BxSxGxK, mask_Bx1xTxS
+                key_BxSxGxK, value_BxSxGxK, heads_first = self._append_to_cache(
+                    key_BxSxGxK, value_BxSxGxK, copies
                 )
-        key_BxSxGxK = nn.with_logical_constraint(key_BxSxGxK, ACT_BLHK)
-        value_BxSxGxK = nn.with_logical_constraint(value_BxSxGxK, ACT_BLHK)
+                if heads_first:  # a cached step: the source's rows query its cache together
+                    query_BxTxHxK = _group_rows(query_BxTxHxK, copies)
+        kv_axes = ACT_BHLK if heads_first else ACT_BLHK
+        key_BxSxGxK = nn.with_logical_constraint(key_BxSxGxK, kv_axes)
+        value_BxSxGxK = nn.with_logical_constraint(value_BxSxGxK, kv_axes)
 
-        if cfg.attention_impl == "dot_product":
+        if heads_first:  # a cached step, whatever attention_impl (no fused kernel reads it)
+            if mask_Bx1xTxS is None:
+                raise ValueError("a cached self-attention step needs self_attention_step_mask")
+            out_BxTxHxK, probs_BxHxTxS = cached_step_attention(
+                query_BxTxHxK, key_BxSxGxK, value_BxSxGxK, mask_Bx1xTxS
+            )
+            self.sow("intermediates", "attention_weights", probs_BxHxTxS)
+        elif cfg.attention_impl == "dot_product":
             out_BxTxHxK = fused_attention(query_BxTxHxK, key_BxSxGxK, value_BxSxGxK, mask_Bx1xTxS)
         else:
             dropout_fn = None
@@ -210,6 +291,8 @@ class MultiHeadAttention(nn.Module):
             # Kept only when the caller asks for mutable=["intermediates"] (attention plots).
             self.sow("intermediates", "attention_weights", probs_BxHxTxS)
 
+        if out_BxTxHxK.shape[0] != rows:  # grouped rows back to one row each
+            out_BxTxHxK = out_BxTxHxK.reshape(rows, -1, *out_BxTxHxK.shape[2:])
         out_BxTxHxK = nn.with_logical_constraint(out_BxTxHxK, ACT_BLHK)
         return OutputProjection(cfg, name="out")(out_BxTxHxK)
 
@@ -229,35 +312,42 @@ class MultiHeadAttention(nn.Module):
         return key_BxSxGxK, value_BxSxGxK
 
     def _append_to_cache(
-        self, key_Bx1xGxK: Array, value_Bx1xGxK: Array, mask: Array | None
-    ) -> tuple[Array, Array, Array | None]:
-        """Self-attention cache: the first call sizes it; each later call writes one step."""
+        self, key_RxTxGxK: Array, value_RxTxGxK: Array, copies: int
+    ) -> tuple[Array, Array, bool]:
+        """Self-attention cache: the first call sizes it; each later call writes one step.
+
+        Returns the keys and values to attend to and whether they are the cache ([B, G, W * C,
+        K], heads first) rather than this call's own ([R, T, G, K], the sizing call).
+        """
         initialized = self.has_variable("cache", CACHED_KEY)
-        cached_key = self.variable(
-            "cache", CACHED_KEY, jnp.zeros, key_Bx1xGxK.shape, key_Bx1xGxK.dtype
-        )
-        cached_value = self.variable(
-            "cache", CACHED_VALUE, jnp.zeros, value_Bx1xGxK.shape, value_Bx1xGxK.dtype
-        )
+        R, T, G, K = key_RxTxGxK.shape
+        W = copies
+        shape = (R // W, G, W * T, K)  # T is the capacity on the sizing call
+        cached_key = self.variable("cache", CACHED_KEY, jnp.zeros, shape, key_RxTxGxK.dtype)
+        cached_value = self.variable("cache", CACHED_VALUE, jnp.zeros, shape, value_RxTxGxK.dtype)
         cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         if not initialized:
             # The sizing call sees the whole (dummy) target and attends with the given mask.
-            return key_Bx1xGxK, value_Bx1xGxK, mask
-        B, L = cached_key.value.shape[:2]
-        if key_Bx1xGxK.shape[1] != 1:
+            return key_RxTxGxK, value_RxTxGxK, False
+        if T != 1:
             raise ValueError(
                 f"decode=True takes one target step per call after the cache is created; got "
-                f"{key_Bx1xGxK.shape[1]} steps"
+                f"{T} steps"
             )
-        index = cache_index.value
-        zero = jnp.array(0, jnp.int32)
-        cached_key.value = jax.lax.dynamic_update_slice(
-            cached_key.value, key_Bx1xGxK, (zero, index, zero, zero)
-        )
-        cached_value.value = jax.lax.dynamic_update_slice(
-            cached_value.value, value_Bx1xGxK, (zero, index, zero, zero)
-        )
+        B, S = cached_key.value.shape[0], cached_key.value.shape[2]
+        C, index, zero = S // W, cache_index.value, jnp.array(0, jnp.int32)
+
+        def write(cache_BxGxSxK: Array, new_RxTxGxK: Array) -> Array:
+            new_BxGxWxK = new_RxTxGxK.reshape(B, W, G, K).transpose(0, 2, 1, 3)
+            # One in-place update per row: writing a [B, G, W, 1, K] view of the cache instead
+            # makes XLA:CPU fuse the update into both its readers and copy the cache per step.
+            for w in range(W):
+                cache_BxGxSxK = jax.lax.dynamic_update_slice(
+                    cache_BxGxSxK, new_BxGxWxK[:, :, w : w + 1], (zero, zero, w * C + index, zero)
+                )
+            return cache_BxGxSxK
+
+        cached_key.value = write(cached_key.value, key_RxTxGxK)
+        cached_value.value = write(cached_value.value, value_RxTxGxK)
         cache_index.value = index + 1
-        # Causal by construction: the new query sees steps 0..index and nothing after.
-        step_mask_Bx1x1xL = jnp.broadcast_to(jnp.arange(L) <= index, (B, 1, 1, L))
-        return cached_key.value, cached_value.value, step_mask_Bx1x1xL
+        return cached_key.value, cached_value.value, True

@@ -11,9 +11,12 @@ import jax.numpy as jnp
 
 from transformer_jax.config import BOS_ID, PAD_ID, ModelConfig
 from transformer_jax.model.attention import (
+    BEAM_ORIGIN,
+    CACHE_SLOT_AXIS,
     PER_ROW_CACHE,
     MultiHeadAttention,
     make_attention_mask,
+    self_attention_step_mask,
 )
 from transformer_jax.model.layers import (
     ACT_BLD,
@@ -101,10 +104,16 @@ class DecoderLayer(nn.Module):
         self_attention = MultiHeadAttention(cfg, name="self_attention")
         cross_attention = MultiHeadAttention(cfg, is_cross_attention=True, name="cross_attention")
         ffn = FeedForward(cfg, name="ffn")
+        copies = y_BxTxD.shape[0] // encoded_BxSxD.shape[0]  # rows per source (beams)
         y_BxTxD = ResidualBlock(cfg, name="self_attention_block")(
             y_BxTxD,
             lambda h: self_attention(
-                h, h, self_mask_Bx1xTxT, deterministic=deterministic, decode=decode
+                h,
+                h,
+                self_mask_Bx1xTxT,
+                deterministic=deterministic,
+                decode=decode,
+                copies=copies,
             ),
             deterministic=deterministic,
         )
@@ -240,20 +249,40 @@ class Decoder(nn.Module):
         """Float32 logits [B, T, V] for every target position."""
         cfg = self.config
         src_valid_BxS = src_ids_BxS != PAD_ID
+        copies = tgt_ids_BxT.shape[0] // src_ids_BxS.shape[0]
+        if tgt_ids_BxT.shape[0] != copies * src_ids_BxS.shape[0] or (copies > 1 and not decode):
+            raise ValueError(
+                f"decoder: {tgt_ids_BxT.shape[0]} target rows for {src_ids_BxS.shape[0]} sources; "
+                "training takes one target per source, decoding a multiple (beams) of them"
+            )
         stepping = decode and self.has_variable("cache", "position")
         if stepping:
             # One step per call: tgt_ids holds the previous output token, no shift needed.
             position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
-            tgt_positions_BxT = jnp.full(tgt_ids_BxT.shape, position.value, jnp.int32)
-            position.value = position.value + 1
+            index = position.value
+            tgt_positions_BxT = jnp.full(tgt_ids_BxT.shape, index, jnp.int32)
+            position.value = index + 1
             decoder_input_BxT = tgt_ids_BxT
-            self_mask = None
+            # Each row writes this step's keys into its own physical row of the cache.
+            origin: nn.Variable[Array] = self.variable("cache", BEAM_ORIGIN)
+            if origin.value.shape[0] != tgt_ids_BxT.shape[0]:
+                raise ValueError(
+                    f"decode: {tgt_ids_BxT.shape[0]} rows step a cache made for "
+                    f"{origin.value.shape[0]}; build it with init_cache(..., copies=rows/source)"
+                )
+            own_Rx1 = (jnp.arange(tgt_ids_BxT.shape[0], dtype=jnp.int32) % copies)[:, None]
+            origin.value = jax.lax.dynamic_update_slice(
+                origin.value, own_Rx1, (jnp.array(0, jnp.int32), index)
+            )
+            self_mask = self_attention_step_mask(origin.value, index, copies)
+            # One row per source: the cross-attention groups a source's `copies` rows.
             cross_mask_Bx1xTxS = make_attention_mask(
-                jnp.ones(tgt_ids_BxT.shape, bool), src_valid_BxS
+                jnp.ones((src_valid_BxS.shape[0], 1), bool), src_valid_BxS
             )
         else:
             if decode:
                 self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+                self.variable("cache", BEAM_ORIGIN, jnp.zeros, tgt_ids_BxT.shape, jnp.int32)
             if tgt_positions_BxT is None:
                 tgt_positions_BxT = default_positions(tgt_ids_BxT)
             decoder_input_BxT = shift_right(tgt_ids_BxT, tgt_positions_BxT, cfg.decoder_start_id)
@@ -267,7 +296,10 @@ class Decoder(nn.Module):
                 causal=True,
             )
             cross_mask_Bx1xTxS = make_attention_mask(
-                tgt_valid_BxT, src_valid_BxS, tgt_segment_ids_BxT, src_segment_ids_BxS
+                tgt_valid_BxT,
+                jnp.repeat(src_valid_BxS, copies, axis=0) if copies > 1 else src_valid_BxS,
+                tgt_segment_ids_BxT,
+                src_segment_ids_BxS,
             )
         y_BxTxD = PositionEmbedding(cfg, name="position_embedding")(
             self.embedding(decoder_input_BxT), tgt_positions_BxT
@@ -387,6 +419,8 @@ class Transformer(nn.Module):
         Incremental decoding: first call with decode=True, mutable=["cache"] and a target of the
         maximum output length (any ids) to size the cache and project the encoder output once;
         then call once per step with tgt_ids [B, 1] = the previous token (BOS first).
+        When decoding, tgt_ids may hold k rows per source (beam search's hypotheses, rows
+        b * k .. b * k + k - 1 for source b): the encoder output then stays one row per source.
         """
         return self.decoder(
             encoded_BxSxD,
@@ -401,13 +435,20 @@ class Transformer(nn.Module):
 
 
 def init_cache(
-    model: nn.Module, params: dict, encoded_BxSxD: Any, src_ids_BxS: Array, max_length: int
+    model: nn.Module,
+    params: dict,
+    encoded_BxSxD: Any,
+    src_ids_BxS: Array,
+    max_length: int,
+    copies: int = 1,
 ) -> dict:
     """Create the decoding cache for a batch: self-attention slots and projected encoder output.
 
-    model is a Transformer or anything with its encode/decode methods (an Ensemble).
+    model is a Transformer or anything with its encode/decode methods (an Ensemble). With
+    copies = k the self-attention cache holds k rows per source (beams) and the projected
+    encoder output one.
     """
-    dummy_BxT = jnp.zeros((src_ids_BxS.shape[0], max_length), jnp.int32)
+    dummy_BxT = jnp.zeros((src_ids_BxS.shape[0] * copies, max_length), jnp.int32)
     _, variables = model.apply(
         {"params": params},
         encoded_BxSxD,
@@ -421,7 +462,7 @@ def init_cache(
 
 
 def _row_axis(path: tuple[Any, ...]) -> int:
-    """Rows are axis 0 of a cache leaf, or 1 under nn.scan (its leading axis is the layer).
+    """A cache leaf's axes start at 0, or 1 under nn.scan (its leading axis is the layer).
 
     Read from the leaf's path (a scanned stack's scope is named "layers"), so one cache may
     hold scanned and unscanned members (an Ensemble of both).
@@ -430,31 +471,47 @@ def _row_axis(path: tuple[Any, ...]) -> int:
 
 
 def reorder_cache(cache: dict, rows_R: Array) -> dict:
-    """Gather the cache's per-row leaves (attention.PER_ROW_CACHE) by row index; keep the rest."""
+    """The cache with row r taking over the history of row rows_R[r] (a beam reorder).
+
+    Only the small per-row tables (attention.PER_ROW_CACHE) move; the keys and values stay.
+    """
 
     def reorder(path: tuple[Any, ...], leaf: Array) -> Array:
         if getattr(path[-1], "key", None) not in PER_ROW_CACHE:
             return leaf
-        # Indices are in range by construction; "clip" skips the default "fill" mode's masking
-        # pass over the whole gathered cache.
+        # Indices are in range by construction; "clip" skips the default "fill" mode's masking.
         return jnp.take(leaf, rows_R, axis=_row_axis(path), mode="clip")
 
     return jax.tree_util.tree_map_with_path(reorder, cache)
 
 
 def grow_cache(cache: dict, capacity: int) -> dict:
-    """The cache with capacity slots: its per-row leaves padded along the length axis.
+    """The cache with capacity slots per row: its growing leaves padded along their slot axis.
 
     The new slots are never read before they are written: each step's mask stops at its index.
     """
+    origins = [
+        leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]
+        if getattr(path[-1], "key", None) == BEAM_ORIGIN
+    ]
+    if not origins:
+        raise ValueError("grow_cache: not a decoding cache (no beam_origin leaf); see init_cache")
+    old = origins[0].shape[-1]
 
     def grow(path: tuple[Any, ...], leaf: Array) -> Array:
-        if getattr(path[-1], "key", None) not in PER_ROW_CACHE:
+        name = getattr(path[-1], "key", None)
+        if name not in CACHE_SLOT_AXIS:
             return leaf
-        axis = _row_axis(path) + 1
-        pad = [(0, 0)] * leaf.ndim
-        pad[axis] = (0, capacity - leaf.shape[axis])
-        return jnp.pad(leaf, pad)
+        axis = _row_axis(path) + CACHE_SLOT_AXIS[name]
+        # Keys and values hold one block of `old` slots per row of the source: pad each block.
+        blocks = leaf.shape[axis] // old
+        blocked = leaf.reshape(*leaf.shape[:axis], blocks, old, *leaf.shape[axis + 1 :])
+        pad = [(0, 0)] * blocked.ndim
+        pad[axis + 1] = (0, capacity - old)
+        return jnp.pad(blocked, pad).reshape(
+            *leaf.shape[:axis], blocks * capacity, *leaf.shape[axis + 1 :]
+        )
 
     return jax.tree_util.tree_map_with_path(grow, cache)
 
