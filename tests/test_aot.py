@@ -157,13 +157,15 @@ def test_memory_benchmark_shows_remat_saving_activations() -> None:
     base = memory_vs_length.load_config(str(ROOT / "configs" / "default.py"))
     results = {
         remat: memory_vs_length.measure(
-            memory_vs_length.sized(base, 512, remat, "einsum", 16384), "v5e:2x2", "default"
+            memory_vs_length.sized(base, 384, remat, "einsum", 12288), "v5e:2x2", "default"
         )
         for remat in ("none", "full")
     }
+    # At 384 tokens the saved activations already dominate (at 256 they do not: remat's own
+    # temporaries weigh more); 512 shows the same at 1.3x this test's compile time.
     for result in results.values():
-        assert result["fits"] and (result["src_len"], result["tgt_len"]) == (512, 512)
-        assert result["rows"] == 36  # 16384 tokens at 90% fill, rounded up to 4 devices.
+        assert result["fits"] and (result["src_len"], result["tgt_len"]) == (384, 384)
+        assert result["rows"] == 36  # 12288 tokens at 90% fill, rounded up to 4 devices.
     assert results["full"]["temp_gib"] < 0.7 * results["none"]["temp_gib"]
     # Recomputing the forward pass costs FLOPs: about 4/3 of the plain step.
     assert results["full"]["flops_per_chip"] > 1.2 * results["none"]["flops_per_chip"]

@@ -66,18 +66,21 @@ def test_a_model_ensembled_with_itself_decodes_as_it_does_alone(trained_workdir:
 def _reference_greedy(members, src: np.ndarray) -> tuple[list[list[int]], list[float]]:
     """Plain Python: per step, each member's full forward pass on the prefix; mean log-probs."""
     outputs, scores = [], []
+    # One compiled full forward pass per member, over a fixed-length target.
+    forwards = [jax.jit(t.model.apply) for t in members]
     for row in src:
         row = row[None]
         tokens: list[int] = []
         logp = 0.0
         limit = min(int((row != PAD_ID).sum()) + 1000, MAX_LENGTH)
         while True:
-            # The last slot's id is never read (inputs are shifted right) but must not be PAD:
-            # validity follows the targets.
-            prefix = np.asarray([[*tokens, EOS_ID]], np.int32)
+            # Slots from len(tokens) on are never read at position len(tokens) (inputs are
+            # shifted right, attention is causal) but must not be PAD: validity follows them.
+            prefix = np.full((1, MAX_LENGTH), EOS_ID, np.int32)
+            prefix[0, : len(tokens)] = tokens
             per_member = []
-            for translator in members:
-                logits = translator.model.apply({"params": translator.params}, row, prefix)
+            for translator, forward in zip(members, forwards, strict=True):
+                logits = forward({"params": translator.params}, row, prefix)
                 per_member.append(jax.nn.log_softmax(logits[0, len(tokens)]))
             mean = jnp.mean(jnp.stack(per_member), axis=0)
             dist = np.asarray(jax.nn.log_softmax(mean), np.float64)
