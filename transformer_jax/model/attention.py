@@ -232,8 +232,9 @@ class MultiHeadAttention(nn.Module):
     ) -> Array:
         """Attend from x to memory (memory is x itself for self-attention).
 
-        When decoding, x may hold `copies` consecutive rows per source (beam hypotheses); a
-        cached self-attention step then takes the mask self_attention_step_mask builds.
+        When decoding, x may hold `copies` consecutive rows per source (beam hypotheses): the
+        cross-attention then reads one memory per source, and a cached self-attention step
+        takes the mask self_attention_step_mask builds.
         """
         cfg = self.config
         H, G = cfg.num_heads, cfg.kv_heads
@@ -250,7 +251,6 @@ class MultiHeadAttention(nn.Module):
                 projection(G, "key"), projection(G, "value"), memory_BxSxD
             )
             # A source's rows attend together to one copy of its memory, as one longer query.
-            copies = rows // key_BxSxGxK.shape[0]
             if copies > 1:
                 query_BxTxHxK = _group_rows(query_BxTxHxK, copies)
                 if mask_Bx1xTxS is not None and mask_Bx1xTxS.shape[0] == rows:

@@ -104,7 +104,8 @@ class DecoderLayer(nn.Module):
         self_attention = MultiHeadAttention(cfg, name="self_attention")
         cross_attention = MultiHeadAttention(cfg, is_cross_attention=True, name="cross_attention")
         ffn = FeedForward(cfg, name="ffn")
-        copies = y_BxTxD.shape[0] // encoded_BxSxD.shape[0]  # rows per source (beams)
+        # Rows per source (beams), read from the shapes: nn.scan passes no Python ints.
+        copies = y_BxTxD.shape[0] // encoded_BxSxD.shape[0]
         y_BxTxD = ResidualBlock(cfg, name="self_attention_block")(
             y_BxTxD,
             lambda h: self_attention(
@@ -120,7 +121,12 @@ class DecoderLayer(nn.Module):
         y_BxTxD = ResidualBlock(cfg, name="cross_attention_block")(
             y_BxTxD,
             lambda h: cross_attention(
-                h, encoded_BxSxD, cross_mask_Bx1xTxS, deterministic=deterministic, decode=decode
+                h,
+                encoded_BxSxD,
+                cross_mask_Bx1xTxS,
+                deterministic=deterministic,
+                decode=decode,
+                copies=copies,
             ),
             deterministic=deterministic,
         )
