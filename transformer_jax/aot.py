@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,6 +32,7 @@ from transformer_jax.config import ModelConfig
 from transformer_jax.data import pipeline
 from transformer_jax.training import metrics
 from transformer_jax.training.program import build
+from transformer_jax.workdir import Workdir, first_line
 
 GIB = 1024**3
 
@@ -206,7 +208,7 @@ def topology_devices(topology: Topology) -> list[Any]:
         missing = isinstance(e, ImportError) or "initialize" in str(e) or "libtpu" in str(e)
         hint = '; is libtpu installed? pip install -e ".[tpu]"' if missing else ""
         raise TopologyError(
-            f"could not build TPU topology {topology.jax_topology!r}: {_first_line(e)}{hint}"
+            f"could not build TPU topology {topology.jax_topology!r}: {first_line(e, 500)}{hint}"
         ) from e
     return list(description.devices)
 
@@ -243,32 +245,71 @@ def compile_train_step(
         (), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=sharding.replicated(mesh)
     )
     with program.context():
-        start = time.perf_counter()
-        try:
-            compiled = program.train_step.lower(program.abstract_state, batch, rng).compile()
-        except jax.errors.JaxRuntimeError as e:
-            if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower():
-                raise DoesNotFitError(
-                    f"does not fit: XLA could not place the step in {topology.chip.hbm_gib:g} GiB "
-                    f"of HBM per chip on {topology.name}; {_advice()}\nXLA: {_first_line(e)}"
-                ) from e
-            raise
-        compile_s = time.perf_counter() - start
+        compiled, compile_s = _compile(
+            lambda: program.train_step.lower(program.abstract_state, batch, rng),
+            "the step",
+            _TRAIN_ADVICE,
+            topology,
+        )
     report = _report(
         config, topology, mesh, compiled, model_config, program.abstract_state, rows, compile_s
     )
     return compiled, report
 
 
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0][:500]
+_TRAIN_ADVICE = (
+    "try sharding weights and optimizer state (--config.mesh.shape.fsdp=-1 "
+    "--config.mesh.shape.data=1), a smaller batch (--config.data.tokens_per_batch) or "
+    "gradient accumulation (--config.optim.grad_accum_steps), or a bigger slice"
+)
+_DECODE_ADVICE = "lower --decode_batch_size or config.decode.max_length"
 
 
-def _advice() -> str:
+def _does_not_fit(
+    what: str,
+    advice: str,
+    topology: str,
+    capacity_gib: float,
+    *,
+    peak_gib: float | None = None,
+    detail: str = "",
+    error: Exception | None = None,
+) -> DoesNotFitError:
+    """The error for `what` needing more HBM per chip than the topology has, and what to change.
+
+    Either XLA's peak estimate of the compiled program (peak_gib, with detail such as the mesh)
+    or XLA's refusal to compile it (error, whose first line ends the message).
+    """
+    if error is None:
+        need = f"{what} needs {peak_gib:.2f} GiB per chip, has {capacity_gib:g} GiB on {topology}"
+        return DoesNotFitError(f"does not fit: {need}{detail}; {advice}")
+    need = f"XLA could not place {what} in {capacity_gib:g} GiB of HBM per chip on {topology}"
+    return DoesNotFitError(f"does not fit: {need}; {advice}\nXLA: {first_line(error, 500)}")
+
+
+def _compile(
+    lower: Callable[[], Any], what: str, advice: str, topology: Topology
+) -> tuple[Any, float]:
+    """lower().compile() and its seconds; XLA running out of HBM is a DoesNotFitError."""
+    start = time.perf_counter()
+    try:
+        compiled = lower().compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower():
+            raise _does_not_fit(what, advice, topology.name, topology.chip.hbm_gib, error=e) from e
+        raise
+    return compiled, time.perf_counter() - start
+
+
+def _peak_bytes(memory: Any) -> int:
+    """Per-chip peak of a compiled program from its memory_analysis()."""
+    # Donated arguments are aliased to outputs, so they are counted once.
     return (
-        "try sharding weights and optimizer state (--config.mesh.shape.fsdp=-1 "
-        "--config.mesh.shape.data=1), a smaller batch (--config.data.tokens_per_batch) or "
-        "gradient accumulation (--config.optim.grad_accum_steps), or a bigger slice"
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+        + memory.generated_code_size_in_bytes
     )
 
 
@@ -294,8 +335,7 @@ def _report(
     arg, out = memory.argument_size_in_bytes, memory.output_size_in_bytes
     alias, temp = memory.alias_size_in_bytes, memory.temp_size_in_bytes
     code = memory.generated_code_size_in_bytes
-    # Donated state is aliased to the output, so it is counted once.
-    peak = arg + out - alias + temp + code
+    peak = _peak_bytes(memory)
     cost = _cost(compiled)
     # The compiled SPMD program is one chip's share; cost_analysis counts that program.
     flops = float(cost.get("flops", 0.0))
@@ -340,10 +380,13 @@ def _report(
 def check_fits(report: Report) -> None:
     """Raise DoesNotFitError with the numbers and what to change when HBM is exceeded."""
     if not report.fits:
-        raise DoesNotFitError(
-            f"does not fit: needs {report.peak_gib:.2f} GiB per chip, has "
-            f"{report.capacity_gib:g} GiB on {report.topology} (mesh {report.mesh}, "
-            f"{report.rows} rows); {_advice()}"
+        raise _does_not_fit(
+            "the step",
+            _TRAIN_ADVICE,
+            report.topology,
+            report.capacity_gib,
+            peak_gib=report.peak_gib,
+            detail=f" (mesh {report.mesh}, {report.rows} rows)",
         )
 
 
@@ -442,21 +485,10 @@ def compile_beam_search(
     )
     fn = engine.compiled(settings, src_len)
     with sharding.context(mesh, rules):
-        start = time.perf_counter()
-        try:
-            compiled = fn.lower(params, src, rng).compile()
-        except jax.errors.JaxRuntimeError as e:
-            if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower():
-                raise DoesNotFitError(
-                    f"does not fit: beam search does not fit {topology.chip.hbm_gib:g} GiB of "
-                    f"HBM per chip on {topology.name}; lower --decode_batch_size or "
-                    f"config.decode.max_length (XLA: {_first_line(e)})"
-                ) from e
-            raise
-        compile_s = time.perf_counter() - start
+        compiled, compile_s = _compile(
+            lambda: fn.lower(params, src, rng), "beam search", _DECODE_ADVICE, topology
+        )
     memory = compiled.memory_analysis()
-    arg, out = memory.argument_size_in_bytes, memory.output_size_in_bytes
-    temp, code = memory.temp_size_in_bytes, memory.generated_code_size_in_bytes
     report = DecodeReport(
         config=str(config.get("name", "")) or "",
         topology=topology.name,
@@ -467,10 +499,10 @@ def compile_beam_search(
         max_length=settings.output_length(src_len, model_config.max_len),
         beam_size=beam_size,
         num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
-        argument_gib=arg / GIB,
-        output_gib=out / GIB,
-        temp_gib=temp / GIB,
-        peak_gib=(arg + out - memory.alias_size_in_bytes + temp + code) / GIB,
+        argument_gib=memory.argument_size_in_bytes / GIB,
+        output_gib=memory.output_size_in_bytes / GIB,
+        temp_gib=memory.temp_size_in_bytes / GIB,
+        peak_gib=_peak_bytes(memory) / GIB,
         capacity_gib=topology.chip.hbm_gib,
         compile_s=compile_s,
     )
@@ -571,9 +603,12 @@ def main() -> None:
                 text = format_decode_report(decoded)
                 print(json.dumps(dataclasses.asdict(decoded)) if json_flag.value else text)
                 if not decoded.fits:
-                    raise DoesNotFitError(
-                        f"does not fit: beam search needs {decoded.peak_gib:.2f} GiB per chip, "
-                        f"has {decoded.capacity_gib:g} GiB on {decoded.topology}"
+                    raise _does_not_fit(
+                        "beam search",
+                        _DECODE_ADVICE,
+                        decoded.topology,
+                        decoded.capacity_gib,
+                        peak_gib=decoded.peak_gib,
                     )
                 return
             report = run(config, str(topology_flag.value))
@@ -591,8 +626,6 @@ def main() -> None:
 
 def _adopted(config: ml_collections.ConfigDict, workdir: str | None) -> ml_collections.ConfigDict:
     """The config with the workdir's model when it asks for one (model_from_workdir)."""
-    from transformer_jax.workdir import Workdir
-
     experiment.fill_later_fields(config)
     if not config.model_from_workdir:
         if workdir is not None:

@@ -57,6 +57,14 @@ def workdir_path(workdir: PathLike) -> epath.Path:
     return epath.Path(os.path.abspath(text))
 
 
+def _finalized_steps(directory: epath.Path) -> list[int]:
+    """The steps of a checkpoint folder whose save finished, oldest first."""
+    if not directory.is_dir():
+        return []
+    # orbax's own notion of "finalized" (a step folder renamed into place once complete).
+    return sorted(ocp.utils.checkpoint_steps(directory))
+
+
 class Workdir:
     """One run's folder: its metadata files, tokenizer, checkpoints and outputs."""
 
@@ -284,10 +292,7 @@ class Workdir:
 
     def steps(self) -> list[int]:
         """Steps with a finished checkpoint, oldest first."""
-        if not self.checkpoint_dir.is_dir():
-            return []
-        # orbax's own notion of "finalized" (a step folder renamed into place once complete).
-        return sorted(ocp.utils.checkpoint_steps(self.checkpoint_dir))
+        return _finalized_steps(self.checkpoint_dir)
 
     def checkpoints(
         self, *, save_every: int, max_to_keep: int, async_save: bool = True
@@ -334,9 +339,7 @@ class ParamsCheckpoints:
 
     def steps(self) -> list[int]:
         """Finished steps, oldest first."""
-        if not self.directory.is_dir():
-            return []
-        return sorted(ocp.utils.checkpoint_steps(self.directory))
+        return _finalized_steps(self.directory)
 
     def save(self, step: int, params: Any) -> None:
         """Write {"params": params} as the `state` item of step (what load() reads)."""
@@ -466,8 +469,8 @@ class Checkpoints:
         )
 
     def steps(self) -> list[int]:
-        """Every saved step, oldest first."""
-        return sorted(self.manager.all_steps())
+        """Finished steps on disk, oldest first (has() also counts a save still in flight)."""
+        return _finalized_steps(self.directory)
 
     def due(self, step: int) -> bool:
         """Whether step is a periodic save step (a multiple of save_every) not yet saved."""
@@ -657,7 +660,7 @@ def newest_readable(
             except DAMAGE_ERRORS as e:  # the check's answer is the same on every process
                 error, failed = e, True
         if failed:
-            reason = _first_line(error) if error else "unreadable on another process"
+            reason = first_line(error) if error else "unreadable on another process"
             reasons.append(f"step {step}: {reason}")
             if len(steps) > 1:
                 log.warning(
@@ -694,6 +697,7 @@ def _any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message (its type name if it has none), at most limit long."""
     text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
+    return text.splitlines()[0][:limit]
