@@ -206,6 +206,67 @@ def test_imported_logits_and_greedy_equal_transformers(marian_folder: Path, impo
     assert _our_greedy(translator, src) == theirs
 
 
+def _marian_to_ours(model: MarianMTModel) -> dict[int, int]:
+    """The folder's id -> ours, as the import renumbers them (pad, eos, unk first)."""
+    pad = model.config.pad_token_id
+    return {int(m): r for r, m in enumerate([pad, 0, 1, *range(2, pad)])}
+
+
+def test_imported_vocabulary_decodes_every_id_as_marian_tokenizer(
+    marian_folder: Path, imported: Path
+) -> None:
+    """Every piece, in sequences mixing target-only, source-only and special pieces."""
+    model, hf_tok = _hf(marian_folder)
+    ours_of = _marian_to_ours(model)
+    tokenizer = load(imported).tokenizer
+    source = spm.SentencePieceProcessor(model_file=str(marian_folder / "source.spm"))
+    target = spm.SentencePieceProcessor(model_file=str(marian_folder / "target.spm"))
+    pieces = tokenizer.pieces
+    known = {
+        name: {m.id_to_piece(i) for i in range(len(m))}
+        for name, m in (("s", source), ("t", target))
+    }
+    target_only = [i for i, p in enumerate(pieces) if p in known["t"] - known["s"]]
+    assert len(target_only) >= 10  # the pieces that printed raw (▁ticket▁ticket) before
+    rng = np.random.default_rng(0)
+    ids = rng.permutation([m for m in ours_of if m != model.config.eos_token_id])
+    specials = [model.config.pad_token_id, hf_tok.unk_token_id]
+    compared = 0
+    for chunk in np.array_split(ids, len(ids) // 6):
+        theirs = [int(i) for i in chunk]
+        theirs.insert(int(rng.integers(len(theirs))), int(rng.choice(specials)))
+        theirs += [model.config.eos_token_id, model.config.pad_token_id]
+        ours = [ours_of[i] for i in theirs]
+        assert tokenizer.decode(ours) == hf_tok.decode(theirs, skip_special_tokens=True), theirs
+        compared += 1
+    assert compared * 6 >= len(ids) - 6
+
+
+def test_imported_model_translates_as_generate_and_batch_decode(
+    marian_folder: Path, imported: Path
+) -> None:
+    """The text a user reads: translate(method=greedy) against transformers' own pipeline."""
+    model, hf_tok = _hf(marian_folder)
+    translator = load(imported)
+    sources = [s for s, _ in _pairs("test", SENTENCES)]
+    theirs = []
+    for text in sources:
+        batch = hf_tok([text], return_tensors="pt")
+        # Our cap: source length (EOS included) + 50, within max_len; EOS forced at it.
+        cap = min(batch["input_ids"].shape[1] + 50, translator.config.max_len)
+        with torch.no_grad():
+            generated = model.generate(
+                **batch,
+                num_beams=1,
+                do_sample=False,
+                max_new_tokens=cap,
+                bad_words_ids=[[model.config.pad_token_id]],
+                forced_eos_token_id=model.config.eos_token_id,
+            )
+        theirs += hf_tok.batch_decode(generated, skip_special_tokens=True)
+    assert translator.translate(sources, method="greedy") == theirs
+
+
 def test_imported_model_exports_back_to_the_same_folder(
     marian_folder: Path, imported: Path, tmp_path: Path
 ) -> None:

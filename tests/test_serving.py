@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import flax.linen as nn
@@ -10,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sentencepiece as spm
 from conftest import run_module
 
 from transformer_jax import evaluation, load
@@ -66,6 +69,60 @@ def test_exported_model_decodes_as_ours(trained_workdir: Path, exported: dict[st
     assert abs(bleu["int8"] - bleu["ours"]) <= 1.0, bleu
     meta = json.loads((exported["float32"] / ct2_format.EXPORT_META).read_text())
     assert meta["step"] == 30 and ModelConfig.from_dict(meta["model_config"]) == ours.config
+
+
+def test_the_export_translates_as_ours_in_ctranslate2_alone(
+    trained_workdir: Path, exported: dict[str, Path]
+) -> None:
+    """CTranslate2 as its documentation shows: pieces in, pieces out, nothing of ours between."""
+    sources, references = _test_split(trained_workdir)
+    model_dir = exported["float32"]
+    assert json.loads((model_dir / "config.json").read_text())["add_source_eos"] is True
+    sp = spm.SentencePieceProcessor(model_file=str(model_dir / ct2_format.EXPORT_TOKENIZER))
+    translator = ctranslate2.Translator(str(model_dir), device="cpu")
+    ours = load(trained_workdir)
+
+    def plain(**options: object) -> list[str]:
+        texts = []
+        for pieces in sp.encode(sources, out_type=str):  # no EOS added by hand: the folder adds it
+            # The paper's cap, source + 50 (CTranslate2 counts neither EOS), within the table
+            # of max_len positions; this tiny model's outputs run to it.
+            cap = min(len(pieces) + 1 + 50, ours.config.max_len) - 1
+            (result,) = translator.translate_batch([pieces], max_decoding_length=cap, **options)
+            texts.append(sp.decode(result.hypotheses[0]))
+        return texts
+
+    greedy = zip(plain(beam_size=1), ours.translate(sources, method="greedy"), strict=True)
+    same = sum(a == b for a, b in greedy)
+    assert same >= 0.99 * len(sources), (same, len(sources))
+    # Beam 4 differs only by the length penalty's form (|Y|^alpha there, GNMT here).
+    bleu = {
+        "ours": evaluation.score(ours.translate(sources), references)["bleu"],
+        "ct2": evaluation.score(plain(beam_size=4, length_penalty=0.6), references)["bleu"],
+    }
+    assert abs(bleu["ct2"] - bleu["ours"]) <= 0.3, bleu
+
+
+def test_an_export_of_format_1_still_decodes_with_its_own_eos_rule(
+    trained_workdir: Path, exported: dict[str, Path], tmp_path: Path
+) -> None:
+    """Before format 2 the folder said add_source_eos=false and expected EOS in its input."""
+    old = tmp_path / "format1"
+    shutil.copytree(exported["float32"], old)
+    config_path, meta_path = old / "config.json", old / ct2_format.EXPORT_META
+    config_path.write_text(
+        json.dumps({**json.loads(config_path.read_text()), "add_source_eos": False})
+    )
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "format_version": 1}))
+    sources, _ = _test_split(trained_workdir)
+    new = load(exported["float32"], engine="ctranslate2").translate(sources, method="greedy")
+    assert load(old, engine="ctranslate2").translate(sources, method="greedy") == new
+    # A folder that adds BOS was not written by us: refused, not misread.
+    config_path.write_text(
+        json.dumps({**json.loads(config_path.read_text()), "add_source_bos": True})
+    )
+    with pytest.raises(ValueError, match=r"config\.json: add_source_bos is true"):
+        load(old, engine="ctranslate2")
 
 
 VARIANTS = {
@@ -130,9 +187,10 @@ def test_every_variant_scores_as_ours(variant: str, trained_workdir: Path, tmp_p
             np.asarray(jax.nn.log_softmax(logits))[0], np.asarray(tgt_ids)[:, None], axis=-1
         )[:, 0]
         (result,) = translator.score_batch(
-            [[pieces(i) for i in src_ids]], [[pieces(i) for i in tgt_ids[:-1]]]
+            [[pieces(i) for i in src_ids[:-1]]], [[pieces(i) for i in tgt_ids[:-1]]]
         )
-        # CTranslate2 appends the target's EOS itself and scores it too.
+        # CTranslate2 appends the source's EOS (the folder's add_source_eos) and the target's
+        # itself, and scores the target's too.
         np.testing.assert_allclose(result.log_probs, ours, atol=1e-4, err_msg=variant)
 
 
@@ -144,6 +202,26 @@ def test_a_switch_without_a_mapping_is_refused_by_name(
     with pytest.raises(ValueError, match=r"ModelConfig\.norm_type='layernorm' \(no CTranslate2"):
         export_ctranslate2(trained_workdir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_config_field_added_later_is_refused_by_both_exporters(
+    trained_workdir: Path, tmp_path: Path
+) -> None:
+    """Both exporters allow-list fields: one neither knows is refused, naming it, not ignored."""
+    from transformer_jax.interop import huggingface
+
+    @dataclasses.dataclass(frozen=True)
+    class WithNewSwitch(ModelConfig):
+        attention_sinks: int = 4
+
+    trained = load(trained_workdir).config
+    config = WithNewSwitch(**trained.to_dict())
+    for unsupported, tool in (
+        (ct2_format.unsupported, "CTranslate2"),
+        (huggingface.unsupported, "MarianMTModel"),
+    ):
+        assert unsupported(config) == [f"attention_sinks=4 (no {tool} mapping for this switch)"]
+        assert unsupported(trained) == [], tool
 
 
 @pytest.mark.slow

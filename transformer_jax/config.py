@@ -25,7 +25,7 @@ NormPosition = Literal["post", "pre"]
 NormType = Literal["layernorm", "rmsnorm"]
 PositionEncoding = Literal["sinusoidal", "learned"]
 # swish: silu(x W1 + b1) W2 + b2, not gated (Marian / OPUS-MT); swiglu is the gated form.
-FeedForward = Literal["relu", "gelu", "swish", "swiglu"]
+FeedForwardType = Literal["relu", "gelu", "swish", "swiglu"]
 EmbeddingSharing = Literal["all", "target", "none"]
 AttentionImpl = Literal["einsum", "dot_product"]
 PresetName = Literal["tiny", "base", "big"]
@@ -57,7 +57,7 @@ class ModelConfig:
     norm_type: NormType = "layernorm"
     layer_norm_epsilon: float = 1e-6
     position_encoding: PositionEncoding = "sinusoidal"
-    feed_forward: FeedForward = "relu"
+    feed_forward: FeedForwardType = "relu"
     # Biases on attention and FFN projections (the paper's count includes them).
     use_bias: bool = True
     # A bias on the pre-softmax projection (Marian's final_logits_bias; not in the paper).

@@ -63,7 +63,8 @@ def export_ctranslate2(
     spec = build_spec(config, model.params, model.tokenizer)
     experiment = run.read_experiment_config()
     meta = {
-        "format_version": 1,
+        # 2: the folder's config.json appends EOS to sources (add_source_eos); 1 did not.
+        "format_version": 2,
         "model_config": config.to_dict(),
         "workdir": str(run),
         "step": found,

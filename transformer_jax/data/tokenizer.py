@@ -36,6 +36,8 @@ ModelType = Literal["bpe", "unigram"]
 Side = Literal["source", "target"]
 PathLike = str | os.PathLike
 
+# sentencepiece's word-start mark, which MarianTokenizer turns into a space after decoding.
+_WORD_START = "\u2581"
 # sentencepiece skips (and only logs) training sentences over its max_sentence_length bytes;
 # we drop them ourselves, with a count, and raise its limit so none is lost silently.
 _MAX_SENTENCE_BYTES = 16384
@@ -210,15 +212,21 @@ class VocabTokenizer(Tokenizer):
         ]
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
-        """Text of ids up to the first EOS (PAD skipped), joined by the target model."""
+        """Text of ids up to the first EOS, as MarianTokenizer.decode(skip_special_tokens=True).
+
+        Its rule, so an imported model prints what it printed in transformers: PAD and UNK are
+        dropped, the pieces are joined by the source model (MarianTokenizer's choice for one
+        shared vocabulary), and any `▁` left (a piece that model does not know, such as a
+        target-only piece) becomes a space, the ends stripped.
+        """
         kept: list[str] = []
         for i in np.asarray(ids, dtype=np.int64).reshape(-1).tolist():
             if i == EOS_ID:
                 break
-            if i == PAD_ID:
+            if i in (PAD_ID, UNK_ID) or not 0 <= i < len(self._pieces):
                 continue
-            kept.append(self.id_to_piece(i))
-        return self._sp.decode_pieces(kept)
+            kept.append(self._pieces[i])
+        return self._source.decode_pieces(kept).replace(_WORD_START, " ").strip()
 
     def id_to_piece(self, i: int) -> str:
         """The vocabulary's piece of one id (ids past it read as the unknown piece)."""

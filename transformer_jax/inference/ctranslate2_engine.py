@@ -1,9 +1,11 @@
 """A model exported to CTranslate2 (`python -m transformer_jax.export`) behind our DecodeRows.
 
 `evaluation.translate` drives it exactly as it drives the JAX engine: the same tokenization,
-truncation, length-sorted batches and line alignment. The rows it hands over already end in
-EOS (the export sets add_source_eos=False), and PAD and BOS are suppressed as our decoders
-never emit them. What differs, and is documented in docs/inference.md:
+truncation, length-sorted batches and line alignment. The rows it hands over end in EOS; the
+folder's own `add_source_eos` says who appends it (true since export format 2, as for any
+program serving the folder: the engine then hands the pieces over without it; false in older
+exports, which expect it in the input), and PAD and BOS are suppressed as our decoders never
+emit them. What differs, and is documented in docs/inference.md:
 
 * the length penalty: CTranslate2 divides a hypothesis's log-probability by |Y| ** alpha where
   ours uses ((5 + |Y|) / 6) ** alpha (GNMT), so beam search may rank hypotheses differently;
@@ -60,6 +62,7 @@ class CTranslate2Engine:
             )
         self.meta = json.loads(meta_path.read_text())
         self.config = ModelConfig.from_dict(self.meta["model_config"], source=str(meta_path))
+        self._source_eos_added = source_eos_added(self.model_dir)
         self.tokenizer = Tokenizer.load(self.model_dir / EXPORT_TOKENIZER)
         self.translator = ctranslate2.Translator(
             str(self.model_dir),
@@ -88,7 +91,9 @@ class CTranslate2Engine:
         scores_BxN = np.full((len(src_rows), settings.nbest), -np.inf, np.float32)
         if not real:
             return Decoded(tokens_BxNxT, scores_BxN)
-        batch = [[self._pieces[i] for i in src_rows[row, : lengths[row]]] for row in real]
+        # Rows end in EOS; a folder that appends it itself gets the pieces before it.
+        keep = lengths - 1 if self._source_eos_added else lengths
+        batch = [[self._pieces[i] for i in src_rows[row, : keep[row]]] for row in real]
         results = self.translator.translate_batch(batch, **self._options(settings, width, number))
         for row, result in zip(real, results, strict=True):
             cap = min(int(lengths[row]) + settings.extra_length, width)
@@ -124,3 +129,22 @@ class CTranslate2Engine:
         else:
             options.update(beam_size=settings.beam_size, length_penalty=settings.alpha)
         return options
+
+
+def source_eos_added(model_dir: Path) -> bool:
+    """Whether the folder's CTranslate2 config appends EOS to each source (add_source_eos).
+
+    Exports since format 2 say true; earlier ones said false and expect EOS in the input. A
+    config that adds BOS was not written by our export, and is refused rather than misread.
+    """
+    path = model_dir / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable CTranslate2 config ({e}); export again") from e
+    if config.get("add_source_bos", False):
+        raise ValueError(
+            f"{path}: add_source_bos is true, which no transformer_jax export writes; export "
+            "again with python -m transformer_jax.export --format ctranslate2 --force"
+        )
+    return bool(config.get("add_source_eos", False))

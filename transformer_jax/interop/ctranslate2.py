@@ -10,13 +10,13 @@ explicit table, so CTranslate2 adds exactly our interleaved sinusoid (or our lea
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
 
 from transformer_jax.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID, ModelConfig
 from transformer_jax.data.tokenizer import Tokenizer
+from transformer_jax.interop import fields
 
 # Written into an exported folder beside CTranslate2's own files.
 EXPORT_META = "transformer_jax.json"
@@ -24,7 +24,7 @@ EXPORT_TOKENIZER = "tokenizer.model"
 
 # What CTranslate2 can express, per ModelConfig field: the values we export. A field missing
 # here, or a value outside its set, is refused (a new switch must be mapped before it exports).
-_EXPRESSIBLE: dict[str, Any] = {
+_EXPRESSIBLE: dict[str, set[object]] = {
     "norm_position": {"post", "pre"},
     "norm_type": {"layernorm", "rmsnorm"},
     "position_encoding": {"sinusoidal", "learned"},
@@ -34,18 +34,8 @@ _EXPRESSIBLE: dict[str, Any] = {
     "logits_bias": {True, False},
     "scan_layers": {True, False},  # parameters are unstacked first
 }
-# Fields that change training or compute only, never the function the weights compute.
-_TRAINING_ONLY = {
-    "dropout_rate",
-    "attention_dropout_rate",
-    "relu_dropout_rate",
-    "dtype",
-    "param_dtype",
-    "attention_impl",
-    "remat",
-}
 # Fields that size the model; every value is expressible.
-_SHAPES = {
+_SHAPES = (
     "vocab_size",
     "d_model",
     "num_heads",
@@ -56,22 +46,15 @@ _SHAPES = {
     "max_len",
     "layer_norm_epsilon",
     "decoder_start_id",  # exported as CTranslate2's decoder_start_token
-}
+)
 
 
 def unsupported(config: ModelConfig) -> list[str]:
     """'field=value (why)' for every setting CTranslate2 cannot express; empty if none."""
-    found = []
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if field.name in _TRAINING_ONLY or field.name in _SHAPES:
-            continue
-        allowed = _EXPRESSIBLE.get(field.name)
-        if allowed is None:
-            found.append(f"{field.name}={value!r} (no CTranslate2 mapping for this switch)")
-        elif value not in allowed:
-            found.append(f"{field.name}={value!r} (CTranslate2 takes {sorted(map(str, allowed))})")
-    return found
+    rules = {field: fields.any_value() for field in _SHAPES}
+    for field, values in _EXPRESSIBLE.items():
+        rules[field] = fields.one_of(field, values, "CTranslate2")
+    return fields.unsupported(config, rules, "CTranslate2")
 
 
 def vocabulary(tokenizer: Tokenizer, vocab_size: int) -> list[str]:
@@ -106,6 +89,8 @@ def build_spec(config: ModelConfig, params: Any, tokenizer: Tokenizer) -> Any:
     """The CTranslate2 TransformerSpec holding these parameters (numpy, float32)."""
     from ctranslate2.specs import common_spec, transformer_spec
 
+    from transformer_jax.model import unstack_layer_params
+
     problems = unsupported(config)
     if problems:
         raise ValueError(
@@ -113,7 +98,7 @@ def build_spec(config: ModelConfig, params: Any, tokenizer: Tokenizer) -> Any:
         )
     params = _host_tree(params)
     if config.scan_layers:
-        params = _unstack(params)
+        params = unstack_layer_params(params)
     activation = {
         "relu": common_spec.Activation.RELU,
         # flax's nn.gelu is the tanh approximation by default.
@@ -144,9 +129,10 @@ def build_spec(config: ModelConfig, params: Any, tokenizer: Tokenizer) -> Any:
         if name != "pad_token":  # CTranslate2 pads with its own id 0 handling; ours is id 0 too
             setattr(spec.config, name, value)
     spec.config.decoder_start_token = tokens[config.decoder_start_id]
-    # Our pipeline appends EOS to every source itself (and truncates with it kept last), so
-    # sources reach CTranslate2 with their EOS already there.
-    spec.config.add_source_eos = False
+    # The model was trained on sources ending in EOS: the folder says so itself, as
+    # CTranslate2's own Marian and fairseq converters do, so that any program serving it
+    # (a CTranslate2 server, a user's script) feeds the sources the model knows.
+    spec.config.add_source_eos = True
     spec.config.add_source_bos = False
     spec.config.layer_norm_epsilon = config.layer_norm_epsilon
     return spec
@@ -157,30 +143,6 @@ def _host_tree(params: Any) -> Any:
 
     # Copies: CTranslate2 quantizes in place, and arrays viewed from jax are read-only.
     return jax.tree.map(lambda x: np.array(x, np.float32), params)
-
-
-def _unstack(params: dict) -> dict:
-    out = dict(params)
-    for stack in ("encoder", "decoder"):
-        tree = dict(params[stack])
-        stacked = tree.pop("layers")
-        count = len(next(iter(_leaves(stacked))))
-        for i in range(count):
-            tree[f"layer_{i}"] = _map(lambda x, i=i: x[i], stacked)
-        out[stack] = tree
-    return out
-
-
-def _leaves(tree: Any) -> list[np.ndarray]:
-    if isinstance(tree, dict):
-        return [leaf for value in tree.values() for leaf in _leaves(value)]
-    return [tree]
-
-
-def _map(fn: Any, tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: _map(fn, v) for k, v in tree.items()}
-    return fn(tree)
 
 
 def _fill(spec: Any, config: ModelConfig, params: dict) -> None:

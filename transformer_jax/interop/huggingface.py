@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from transformer_jax.config import (
     PAD_ID,
     UNK_ID,
     EmbeddingSharing,
-    FeedForward,
+    FeedForwardType,
     ModelConfig,
 )
 from transformer_jax.data.tokenizer import (
@@ -45,6 +44,7 @@ from transformer_jax.data.tokenizer import (
     load_processor,
     read_vocab_json,
 )
+from transformer_jax.interop import fields
 from transformer_jax.interop.ctranslate2 import vocabulary
 
 CONFIG = "config.json"
@@ -84,7 +84,7 @@ _MARIAN_DEFAULTS: dict[str, Any] = {
 }
 # Hugging Face activation names -> ours. flax's nn.gelu is the tanh approximation, which is
 # Hugging Face's gelu_new / gelu_pytorch_tanh (its "gelu" is the exact erf form).
-_ACTIVATIONS: dict[str, FeedForward] = {
+_ACTIVATIONS: dict[str, FeedForwardType] = {
     "swish": "swish",
     "silu": "swish",
     "relu": "relu",
@@ -502,24 +502,45 @@ def _read_params(
 
 def unsupported(config: ModelConfig) -> list[str]:
     """'field=value (why)' for every setting a MarianMTModel cannot express; empty if none."""
-    found = []
-    rules: list[tuple[str, Callable[[Any], bool], str]] = [
-        ("norm_position", lambda v: v == "post", "MarianMTModel is post-LN"),
-        ("norm_type", lambda v: v == "layernorm", "MarianMTModel has LayerNorm only"),
-        ("position_encoding", lambda v: v == "sinusoidal", "MarianMTModel has sinusoids only"),
-        ("feed_forward", lambda v: v in _EXPORTED_ACTIVATIONS, "no gated FFN in MarianMTModel"),
-        ("use_bias", lambda v: v is True, "MarianMTModel's projections all have biases"),
-        ("d_model", lambda v: v % 2 == 0, "the sinusoid needs an even d_model"),
-    ]
-    for field, ok, why in rules:
-        value = getattr(config, field)
-        if not ok(value):
-            found.append(f"{field}={value!r} ({why})")
-    if config.kv_heads != config.num_heads:
-        found.append(
-            f"num_kv_heads={config.num_kv_heads!r} (MarianMTModel has no grouped-query attention)"
+    return fields.unsupported(config, _MARIAN_RULES, "MarianMTModel")
+
+
+# What a MarianMTModel expresses, per ModelConfig field (an allow-list: a field missing here,
+# one added to ModelConfig later included, is refused until it is mapped).
+_MARIAN_RULES: dict[str, fields.Rule] = {
+    **{
+        field: fields.any_value()
+        for field in (
+            "vocab_size",
+            "num_heads",
+            "d_ff",
+            "num_encoder_layers",
+            "num_decoder_layers",
+            "max_len",  # max_position_embeddings
+            "layer_norm_epsilon",  # PyTorch's 1e-5 in the folder; a difference is logged
+            "decoder_start_id",
+            "embedding_sharing",  # share_encoder_decoder_embeddings, tie_word_embeddings
+            "logits_bias",  # final_logits_bias
+            "scan_layers",  # parameters are unstacked first
         )
-    return found
+    },
+    "d_model": (lambda c: c.d_model % 2 == 0, "the sinusoid needs an even d_model"),
+    "num_kv_heads": (
+        lambda c: c.kv_heads == c.num_heads,
+        "MarianMTModel has no grouped-query attention",
+    ),
+    "norm_position": (lambda c: c.norm_position == "post", "MarianMTModel is post-LN"),
+    "norm_type": (lambda c: c.norm_type == "layernorm", "MarianMTModel has LayerNorm only"),
+    "position_encoding": (
+        lambda c: c.position_encoding == "sinusoidal",
+        "MarianMTModel has sinusoids only",
+    ),
+    "feed_forward": (
+        lambda c: c.feed_forward in _EXPORTED_ACTIVATIONS,
+        "no gated FFN in MarianMTModel",
+    ),
+    "use_bias": (lambda c: c.use_bias, "MarianMTModel's projections all have biases"),
+}
 
 
 def marian_files(

@@ -1,0 +1,58 @@
+"""Which ModelConfig settings an exporter can write: one allow-list check for every format.
+
+Each exporter names, per ModelConfig field, the rule its format can express; a field it does
+not name is refused. So a switch added to ModelConfig later is refused by every exporter until
+someone maps it, instead of being exported as if it were not there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+from transformer_jax.config import ModelConfig
+
+# Fields that change training or compute only, never the function the weights compute.
+TRAINING_ONLY = frozenset(
+    {
+        "dropout_rate",
+        "attention_dropout_rate",
+        "relu_dropout_rate",
+        "dtype",
+        "param_dtype",
+        "attention_impl",
+        "remat",
+    }
+)
+
+# A field's rule: (does the format express this config's value, why not when it does not).
+Rule = tuple[Callable[[ModelConfig], bool], str]
+
+
+def any_value() -> Rule:
+    """The rule of a field the format expresses at every value (sizes, ids)."""
+    return (lambda config: True), ""
+
+
+def one_of(field: str, values: set[object], tool: str) -> Rule:
+    """The rule of a field whose value must be one of `values`."""
+    return (lambda config: getattr(config, field) in values), f"{tool} takes {_listed(values)}"
+
+
+def unsupported(config: ModelConfig, rules: Mapping[str, Rule], tool: str) -> list[str]:
+    """'field=value (why)' for every setting of config that `rules` does not allow."""
+    found = []
+    for field in dataclasses.fields(config):
+        if field.name in TRAINING_ONLY:
+            continue
+        value = getattr(config, field.name)
+        rule = rules.get(field.name)
+        if rule is None:
+            found.append(f"{field.name}={value!r} (no {tool} mapping for this switch)")
+        elif not rule[0](config):
+            found.append(f"{field.name}={value!r} ({rule[1]})")
+    return found
+
+
+def _listed(values: set[object]) -> list[str]:
+    return sorted(map(str, values))
