@@ -392,7 +392,7 @@ def test_decoders_with_scanned_layers_match_the_layer_loop(setup: tuple) -> None
 def test_a_growing_cache_decodes_as_one_full_buffer(
     setup: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from transformer_jax.inference import decode
+    from transformer_jax.model import cache as model_cache
 
     model, params, src = setup
     options = {"max_length": MAX_LENGTH, "extra_length": EXTRA_LENGTH}
@@ -403,8 +403,8 @@ def test_a_growing_cache_decodes_as_one_full_buffer(
     }
     results = {}
     for first in (4, 1000):  # caches of 4 -> 8 -> 24 slots, or 24 from the start
-        monkeypatch.setattr(decode, "FIRST_CAPACITY", first)
-        assert len(decode.cache_capacities(MAX_LENGTH)) == (3 if first == 4 else 1)
+        monkeypatch.setattr(model_cache, "FIRST_CAPACITY", first)
+        assert len(model_cache.capacities(MAX_LENGTH)) == (3 if first == 4 else 1)
         results[first] = {name: jax.jit(fn)() for name, fn in decoders.items()}
     for name in decoders:
         for grown, whole in zip(

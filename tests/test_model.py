@@ -20,7 +20,7 @@ from transformer_jax.model import (
     stack_layer_params,
     unstack_layer_params,
 )
-from transformer_jax.model.attention import einsum_attention, fused_attention
+from transformer_jax.model.kernels import einsum_attention, fused_attention
 from transformer_jax.model.layers import sinusoidal_encoding
 
 SMALL = ModelConfig.preset(

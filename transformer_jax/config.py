@@ -27,7 +27,7 @@ PositionEncoding = Literal["sinusoidal", "learned"]
 # swish: silu(x W1 + b1) W2 + b2, not gated (Marian / OPUS-MT); swiglu is the gated form.
 FeedForwardType = Literal["relu", "gelu", "swish", "swiglu"]
 EmbeddingSharing = Literal["all", "target", "none"]
-AttentionImpl = Literal["einsum", "dot_product"]
+AttentionImpl = Literal["einsum", "dot_product", "splash"]
 PresetName = Literal["tiny", "base", "big"]
 Remat = Literal["none", "full", "dots"]
 
@@ -67,7 +67,12 @@ class ModelConfig:
     decoder_start_id: int = BOS_ID
     dtype: DType = "float32"
     param_dtype: DType = "float32"
+    # The attention kernel (model/kernels.py): "einsum" everywhere, "dot_product" (cuDNN flash
+    # attention on GPU), "splash" (Pallas splash attention on TPU; interpret mode elsewhere).
     attention_impl: AttentionImpl = "einsum"
+    # splash only: the kernel's query and key block (a multiple of 128); None picks 512, or
+    # the largest power-of-two multiple of 128 that tiles a shorter row.
+    splash_block_size: int | None = None
     # Rematerialize each layer in the backward pass: "full" keeps only layer inputs, "dots"
     # also keeps matmul outputs (recomputes the cheap elementwise work).
     remat: Remat = "none"
@@ -113,6 +118,18 @@ class ModelConfig:
             "attention_dropout_rate",
             "jax.nn.dot_product_attention has no dropout; use attention_impl='einsum' or set 0",
         )
+        _require(
+            not (self.attention_impl == "splash" and self.attention_dropout_rate > 0),
+            "attention_dropout_rate",
+            "splash attention has no dropout on the probabilities; use attention_impl='einsum' "
+            "or set 0",
+        )
+        if self.splash_block_size is not None:
+            _require(
+                self.splash_block_size >= 128 and self.splash_block_size % 128 == 0,
+                "splash_block_size",
+                f"{self.splash_block_size} must be a positive multiple of 128 (the kernel's lanes)",
+            )
         _require(self.param_dtype != "float16", "param_dtype", "float16 parameters are unsupported")
 
     @property

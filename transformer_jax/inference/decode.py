@@ -18,7 +18,7 @@ first, then the joint best 2W among those W x 2W (not among W x V); every step w
 chosen tokens and their parent beams into [T, B, W] tables instead of gathering whole
 sequences, and the hypotheses are read back once at the end by following the parents. The
 cache never moves either: a reorder gathers only the decoder's small beam_origin table, and
-attention masks each hypothesis to its own history (model/attention.py). The loop stops as
+attention masks each hypothesis to its own history (model/cache.py). The loop stops as
 soon as the hypotheses it returns can no longer change.
 """
 
@@ -35,11 +35,10 @@ from jax.typing import ArrayLike
 
 from transformer_jax.config import BOS_ID, EOS_ID, PAD_ID
 from transformer_jax.model import Decodable, grow_cache, init_cache, reorder_cache
+from transformer_jax.model.cache import capacities as cache_capacities
 
 Array = jax.Array
 
-# The cache's first capacity; it doubles from here up to max_length.
-FIRST_CAPACITY = 16
 _NEG_INF = -jnp.inf
 
 
@@ -53,20 +52,6 @@ def output_limits(src_ids_BxS: Array, extra_length: int, max_length: int) -> Arr
     src_len_B = jnp.sum(src_ids_BxS != PAD_ID, axis=-1)
     # An all-PAD row (batch padding) ends at once instead of decoding extra_length tokens.
     return jnp.where(src_len_B == 0, 1, jnp.minimum(src_len_B + extra_length, max_length))
-
-
-def cache_capacities(max_length: int) -> list[int]:
-    """The cache sizes a decode may pass through: 16, 32, ... and max_length last.
-
-    The last doubling stops where max_length is within 1.5x, so a buffer of 129 (128 tokens
-    and EOS) ends 64 -> 129 rather than 64 -> 128 -> 129 (one more copy for one more step).
-    """
-    capacities = []
-    capacity = min(FIRST_CAPACITY, max_length)
-    while capacity * 3 < max_length * 2:
-        capacities.append(capacity)
-        capacity *= 2
-    return [*capacities, max_length]
 
 
 def _mask_columns(

@@ -21,6 +21,7 @@ TRAINING_ONLY = frozenset(
         "dtype",
         "param_dtype",
         "attention_impl",
+        "splash_block_size",
         "remat",
     }
 )

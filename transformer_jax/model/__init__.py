@@ -1,12 +1,11 @@
 """Flax modules of the Transformer."""
 
-from transformer_jax.model.attention import MultiHeadAttention, make_attention_mask
+from transformer_jax.model.attention import MultiHeadAttention
+from transformer_jax.model.cache import grow_cache, init_cache, reorder_cache
 from transformer_jax.model.ensemble import Ensemble, check_members
+from transformer_jax.model.masks import AttentionMask
 from transformer_jax.model.transformer import (
     Transformer,
-    grow_cache,
-    init_cache,
-    reorder_cache,
     shift_right,
     stack_layer_params,
     unstack_layer_params,
@@ -16,6 +15,7 @@ from transformer_jax.model.transformer import (
 Decodable = Transformer | Ensemble
 
 __all__ = [
+    "AttentionMask",
     "Decodable",
     "Ensemble",
     "MultiHeadAttention",
@@ -23,7 +23,6 @@ __all__ = [
     "check_members",
     "grow_cache",
     "init_cache",
-    "make_attention_mask",
     "reorder_cache",
     "shift_right",
     "stack_layer_params",

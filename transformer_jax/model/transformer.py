@@ -10,14 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from transformer_jax.config import BOS_ID, PAD_ID, ModelConfig
-from transformer_jax.model.attention import (
-    BEAM_ORIGIN,
-    CACHE_SLOT_AXIS,
-    PER_ROW_CACHE,
-    MultiHeadAttention,
-    make_attention_mask,
-    self_attention_step_mask,
-)
+from transformer_jax.model.attention import MultiHeadAttention
+from transformer_jax.model.cache import DecoderSteps, StepMask
 from transformer_jax.model.layers import (
     ACT_BLD,
     Embed,
@@ -26,6 +20,7 @@ from transformer_jax.model.layers import (
     PositionEmbedding,
     dtype_of,
 )
+from transformer_jax.model.masks import AttentionMask
 
 Array = jax.Array
 
@@ -63,7 +58,9 @@ class EncoderLayer(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x_BxSxD: Array, mask_Bx1xSxS: Array) -> tuple[Array, None]:
+    def __call__(
+        self, x_BxSxD: Array, mask: AttentionMask, positions_BxS: Array
+    ) -> tuple[Array, None]:
         """One of the N encoder layers."""
         cfg = self.config
         deterministic = self.deterministic
@@ -71,7 +68,9 @@ class EncoderLayer(nn.Module):
         ffn = FeedForward(cfg, name="ffn")
         x_BxSxD = ResidualBlock(cfg, name="attention_block")(
             x_BxSxD,
-            lambda h: attention(h, h, mask_Bx1xSxS, deterministic=deterministic),
+            lambda h: attention(
+                h, h, mask, deterministic=deterministic, positions_BxT=positions_BxS
+            ),
             deterministic=deterministic,
         )
         out_BxSxD = ResidualBlock(cfg, name="ffn_block")(
@@ -95,8 +94,9 @@ class DecoderLayer(nn.Module):
         self,
         y_BxTxD: Array,
         encoded_BxSxD: Array,
-        self_mask_Bx1xTxT: Array | None,
-        cross_mask_Bx1xTxS: Array,
+        self_mask: AttentionMask | StepMask,
+        cross_mask: AttentionMask,
+        positions_BxT: Array,
     ) -> tuple[Array, None]:
         """One of the N decoder layers."""
         cfg = self.config
@@ -111,10 +111,11 @@ class DecoderLayer(nn.Module):
             lambda h: self_attention(
                 h,
                 h,
-                self_mask_Bx1xTxT,
+                self_mask,
                 deterministic=deterministic,
                 decode=decode,
                 copies=copies,
+                positions_BxT=positions_BxT,
             ),
             deterministic=deterministic,
         )
@@ -123,7 +124,7 @@ class DecoderLayer(nn.Module):
             lambda h: cross_attention(
                 h,
                 encoded_BxSxD,
-                cross_mask_Bx1xTxS,
+                cross_mask,
                 deterministic=deterministic,
                 decode=decode,
                 copies=copies,
@@ -211,9 +212,7 @@ class Encoder(nn.Module):
         if src_positions_BxS is None:
             src_positions_BxS = default_positions(src_ids_BxS)
         valid_BxS = src_ids_BxS != PAD_ID
-        mask_Bx1xSxS = make_attention_mask(
-            valid_BxS, valid_BxS, src_segment_ids_BxS, src_segment_ids_BxS
-        )
+        mask = AttentionMask(valid_BxS, valid_BxS, src_segment_ids_BxS, src_segment_ids_BxS)
         x_BxSxD = PositionEmbedding(cfg, name="position_embedding")(
             self.embedding(src_ids_BxS), src_positions_BxS
         )
@@ -224,7 +223,8 @@ class Encoder(nn.Module):
             cfg,
             cfg.num_encoder_layers,
             x_BxSxD,
-            mask_Bx1xSxS,
+            mask,
+            src_positions_BxS,
             deterministic=deterministic,
         )
         if cfg.norm_position == "pre":
@@ -261,49 +261,35 @@ class Decoder(nn.Module):
                 f"decoder: {tgt_ids_BxT.shape[0]} target rows for {src_ids_BxS.shape[0]} sources; "
                 "training takes one target per source, decoding a multiple (beams) of them"
             )
-        stepping = decode and self.has_variable("cache", "position")
-        if stepping:
+        steps = DecoderSteps(self)
+        self_mask: AttentionMask | StepMask
+        if decode and steps.stepping:
             # One step per call: tgt_ids holds the previous output token, no shift needed.
-            position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
-            index = position.value
+            index, self_mask = steps.step(tgt_ids_BxT.shape[0], copies)
             tgt_positions_BxT = jnp.full(tgt_ids_BxT.shape, index, jnp.int32)
-            position.value = index + 1
             decoder_input_BxT = tgt_ids_BxT
-            # Each row writes this step's keys into its own physical row of the cache.
-            origin: nn.Variable[Array] = self.variable("cache", BEAM_ORIGIN)
-            if origin.value.shape[0] != tgt_ids_BxT.shape[0]:
-                raise ValueError(
-                    f"decode: {tgt_ids_BxT.shape[0]} rows step a cache made for "
-                    f"{origin.value.shape[0]}; build it with init_cache(..., copies=rows/source)"
-                )
-            own_Rx1 = (jnp.arange(tgt_ids_BxT.shape[0], dtype=jnp.int32) % copies)[:, None]
-            origin.value = jax.lax.dynamic_update_slice(
-                origin.value, own_Rx1, (jnp.array(0, jnp.int32), index)
-            )
-            self_mask = self_attention_step_mask(origin.value, index, copies)
-            # One row per source: the cross-attention groups a source's `copies` rows.
-            cross_mask_Bx1xTxS = make_attention_mask(
-                jnp.ones((src_valid_BxS.shape[0], 1), bool), src_valid_BxS
+            # A source's `copies` rows read its memory as one query row.
+            cross_mask = AttentionMask(
+                jnp.ones((src_valid_BxS.shape[0], copies), bool), src_valid_BxS
             )
         else:
             if decode:
-                self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
-                self.variable("cache", BEAM_ORIGIN, jnp.zeros, tgt_ids_BxT.shape, jnp.int32)
+                steps.create(*tgt_ids_BxT.shape)
             if tgt_positions_BxT is None:
                 tgt_positions_BxT = default_positions(tgt_ids_BxT)
             decoder_input_BxT = shift_right(tgt_ids_BxT, tgt_positions_BxT, cfg.decoder_start_id)
             # Validity follows the targets: position t predicts target t from targets < t.
             tgt_valid_BxT = tgt_ids_BxT != PAD_ID
-            self_mask = make_attention_mask(
+            self_mask = AttentionMask(
                 tgt_valid_BxT,
                 tgt_valid_BxT,
                 tgt_segment_ids_BxT,
                 tgt_segment_ids_BxT,
                 causal=True,
             )
-            cross_mask_Bx1xTxS = make_attention_mask(
-                tgt_valid_BxT,
-                jnp.repeat(src_valid_BxS, copies, axis=0) if copies > 1 else src_valid_BxS,
+            cross_mask = AttentionMask(
+                tgt_valid_BxT.reshape(src_valid_BxS.shape[0], -1),  # a source's rows grouped
+                src_valid_BxS,
                 tgt_segment_ids_BxT,
                 src_segment_ids_BxS,
             )
@@ -319,7 +305,8 @@ class Decoder(nn.Module):
             y_BxTxD,
             encoded_BxSxD,
             self_mask,
-            cross_mask_Bx1xTxS,
+            cross_mask,
+            tgt_positions_BxT,
             deterministic=deterministic,
             decode=decode,
         )
@@ -438,88 +425,6 @@ class Transformer(nn.Module):
             deterministic=deterministic,
             decode=decode,
         )
-
-
-def init_cache(
-    model: nn.Module,
-    params: dict,
-    encoded_BxSxD: Any,
-    src_ids_BxS: Array,
-    max_length: int,
-    copies: int = 1,
-) -> dict:
-    """Create the decoding cache for a batch: self-attention slots and projected encoder output.
-
-    model is a Transformer or anything with its encode/decode methods (an Ensemble). With
-    copies = k the self-attention cache holds k rows per source (beams) and the projected
-    encoder output one.
-    """
-    dummy_BxT = jnp.zeros((src_ids_BxS.shape[0] * copies, max_length), jnp.int32)
-    _, variables = model.apply(
-        {"params": params},
-        encoded_BxSxD,
-        src_ids_BxS,
-        dummy_BxT,
-        decode=True,
-        mutable=["cache"],
-        method="decode",
-    )
-    return variables["cache"]
-
-
-def _row_axis(path: tuple[Any, ...]) -> int:
-    """A cache leaf's axes start at 0, or 1 under nn.scan (its leading axis is the layer).
-
-    Read from the leaf's path (a scanned stack's scope is named "layers"), so one cache may
-    hold scanned and unscanned members (an Ensemble of both).
-    """
-    return 1 if any(getattr(k, "key", None) == "layers" for k in path) else 0
-
-
-def reorder_cache(cache: dict, rows_R: Array) -> dict:
-    """The cache with row r taking over the history of row rows_R[r] (a beam reorder).
-
-    Only the small per-row tables (attention.PER_ROW_CACHE) move; the keys and values stay.
-    """
-
-    def reorder(path: tuple[Any, ...], leaf: Array) -> Array:
-        if getattr(path[-1], "key", None) not in PER_ROW_CACHE:
-            return leaf
-        # Indices are in range by construction; "clip" skips the default "fill" mode's masking.
-        return jnp.take(leaf, rows_R, axis=_row_axis(path), mode="clip")
-
-    return jax.tree_util.tree_map_with_path(reorder, cache)
-
-
-def grow_cache(cache: dict, capacity: int) -> dict:
-    """The cache with capacity slots per row: its growing leaves padded along their slot axis.
-
-    The new slots are never read before they are written: each step's mask stops at its index.
-    """
-    origins = [
-        leaf
-        for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]
-        if getattr(path[-1], "key", None) == BEAM_ORIGIN
-    ]
-    if not origins:
-        raise ValueError("grow_cache: not a decoding cache (no beam_origin leaf); see init_cache")
-    old = origins[0].shape[-1]
-
-    def grow(path: tuple[Any, ...], leaf: Array) -> Array:
-        name = getattr(path[-1], "key", None)
-        if name not in CACHE_SLOT_AXIS:
-            return leaf
-        axis = _row_axis(path) + CACHE_SLOT_AXIS[name]
-        # Keys and values hold one block of `old` slots per row of the source: pad each block.
-        blocks = leaf.shape[axis] // old
-        blocked = leaf.reshape(*leaf.shape[:axis], blocks, old, *leaf.shape[axis + 1 :])
-        pad = [(0, 0)] * blocked.ndim
-        pad[axis + 1] = (0, capacity - old)
-        return jnp.pad(blocked, pad).reshape(
-            *leaf.shape[:axis], blocks * capacity, *leaf.shape[axis + 1 :]
-        )
-
-    return jax.tree_util.tree_map_with_path(grow, cache)
 
 
 def stack_layer_params(params: dict) -> dict:

@@ -1,0 +1,243 @@
+"""The decoding cache, owned here: its layout, the write of one step, growth and beam reorders.
+
+Self-attention keeps each source's rows (beam search's hypotheses) side by side in the layout
+attention reads, [B sources, G heads, W x C slots, K]: slot w * C + c holds the key that
+physical row w wrote at step c. Beam search never moves these buffers. A hypothesis that takes
+over another's history takes over its row of the decoder-level BEAM_ORIGIN table instead
+([B * W, C] int32: for each row and slot, the physical row holding its key), and the step's
+mask (`StepMask`) hides every (physical row, slot) pair that is not in the hypothesis's own
+history. So a step reads each cached key once, with no gather and no transpose; the W queries
+of a source share one matrix product. Cross-attention caches its keys and values of the
+encoder output, one copy per source, projected on the cache-creating call.
+
+The step is counted once, by the decoder (`DecoderSteps`): its `position` is the slot every
+layer writes, handed to the layers inside the step's `StepMask`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+CACHED_KEY, CACHED_VALUE = "cached_key", "cached_value"
+CROSS_KEY, CROSS_VALUE = "cross_key", "cross_value"
+BEAM_ORIGIN = "beam_origin"
+POSITION = "position"
+# The leaves a beam reorder gathers (axis 0: one row per hypothesis).
+PER_ROW_CACHE = frozenset({BEAM_ORIGIN})
+# Each growing leaf's slot axis (before any leading layer axis that nn.scan adds): W blocks
+# of C slots for keys and values, C slots for the origin table.
+CACHE_SLOT_AXIS = {CACHED_KEY: 2, CACHED_VALUE: 2, BEAM_ORIGIN: 1}
+# The cache's first capacity; it doubles from here up to max_length.
+FIRST_CAPACITY = 16
+
+
+@flax.struct.dataclass
+class StepMask:
+    """One cached self-attention step: query row b * W + w reads the slots of its own history.
+
+    origin is the decoder's BEAM_ORIGIN table [B * W, C]; index is the step (the slot written
+    now); slots after it are not written yet.
+    """
+
+    origin: Array  # [B * W, C] int32
+    index: Array  # [] int32
+    copies: int = flax.struct.field(pytree_node=False, default=1)
+
+    def dense(self) -> Array:
+        """Boolean [B, 1, W, W * C] over the cache's slots."""
+        R, C = self.origin.shape
+        W = self.copies
+        origin_BxWxC = self.origin.reshape(R // W, W, C)
+        rows_1x1xWx1 = jnp.arange(W)[None, None, :, None]
+        ours_BxWxWxC = (origin_BxWxC[:, :, None, :] == rows_1x1xWx1) & (jnp.arange(C) <= self.index)
+        return ours_BxWxWxC.reshape(R // W, 1, W, W * C)
+
+
+class DecoderSteps:
+    """The decoder's side of the cache: the step counter and the beam-origin table."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    @property
+    def stepping(self) -> bool:
+        """True once the cache exists: each call then decodes one step."""
+        return self.module.has_variable("cache", POSITION)
+
+    def create(self, rows: int, capacity: int) -> None:
+        """On the cache-creating call: step 0 and an origin table of `capacity` slots per row."""
+        self.module.variable("cache", POSITION, lambda: jnp.array(0, jnp.int32))
+        self.module.variable("cache", BEAM_ORIGIN, jnp.zeros, (rows, capacity), jnp.int32)
+
+    def step(self, rows: int, copies: int) -> tuple[Array, StepMask]:
+        """Count one step; (its position, the self-attention mask of every row's history)."""
+        position: nn.Variable[Array] = self.module.variable("cache", POSITION)
+        index = position.value
+        position.value = index + 1
+        origin: nn.Variable[Array] = self.module.variable("cache", BEAM_ORIGIN)
+        if origin.value.shape[0] != rows:
+            raise ValueError(
+                f"decode: {rows} rows step a cache made for {origin.value.shape[0]}; build it "
+                "with init_cache(..., copies=rows/source)"
+            )
+        # Each row writes this step's keys into its own physical row of the cache.
+        own_Rx1 = (jnp.arange(rows, dtype=jnp.int32) % copies)[:, None]
+        origin.value = jax.lax.dynamic_update_slice(
+            origin.value, own_Rx1, (jnp.array(0, jnp.int32), index)
+        )
+        return index, StepMask(origin.value, index, copies)
+
+
+class KVCache:
+    """One self-attention layer's keys and values: [B, G, W x C, K] in the module's cache."""
+
+    def __init__(self, module: nn.Module, key_RxTxGxK: Array, copies: int) -> None:
+        R, T, G, K = key_RxTxGxK.shape
+        shape = (R // copies, G, copies * T, K)  # T is the capacity on the sizing call
+        dtype = key_RxTxGxK.dtype
+        self.key = module.variable("cache", CACHED_KEY, jnp.zeros, shape, dtype)
+        self.value = module.variable("cache", CACHED_VALUE, jnp.zeros, shape, dtype)
+        self.copies = copies
+
+    def write(self, key_RxTxGxK: Array, value_RxTxGxK: Array, index: Array) -> tuple[Array, Array]:
+        """Store one step's keys and values at slot `index` of every row; the whole cache."""
+        _, T, G, K = key_RxTxGxK.shape
+        if T != 1:
+            raise ValueError(
+                f"decode=True takes one target step per call after the cache is created; got "
+                f"{T} steps"
+            )
+        W = self.copies
+        B, S = self.key.value.shape[0], self.key.value.shape[2]
+        C, zero = S // W, jnp.array(0, jnp.int32)
+
+        def write(cache_BxGxSxK: Array, new_RxTxGxK: Array) -> Array:
+            new_BxGxWxK = new_RxTxGxK.reshape(B, W, G, K).transpose(0, 2, 1, 3)
+            # One in-place update per row: writing a [B, G, W, 1, K] view of the cache instead
+            # makes XLA:CPU fuse the update into both its readers and copy the cache per step.
+            for w in range(W):
+                cache_BxGxSxK = jax.lax.dynamic_update_slice(
+                    cache_BxGxSxK, new_BxGxWxK[:, :, w : w + 1], (zero, zero, w * C + index, zero)
+                )
+            return cache_BxGxSxK
+
+        self.key.value = write(self.key.value, key_RxTxGxK)
+        self.value.value = write(self.value.value, value_RxTxGxK)
+        return self.key.value, self.value.value
+
+
+def cross_memory(
+    module: nn.Module, project: Callable[[], tuple[Array, Array]]
+) -> tuple[Array, Array]:
+    """Cross-attention keys/values: projected on the cache-creating call, then reused."""
+    if module.has_variable("cache", CROSS_KEY):
+        return module.get_variable("cache", CROSS_KEY), module.get_variable("cache", CROSS_VALUE)
+    key_BxSxGxK, value_BxSxGxK = project()
+    module.put_variable("cache", CROSS_KEY, key_BxSxGxK)
+    module.put_variable("cache", CROSS_VALUE, value_BxSxGxK)
+    return key_BxSxGxK, value_BxSxGxK
+
+
+def capacities(max_length: int) -> list[int]:
+    """The cache sizes a decode may pass through: 16, 32, ... and max_length last.
+
+    The last doubling stops where max_length is within 1.5x, so a buffer of 129 (128 tokens
+    and EOS) ends 64 -> 129 rather than 64 -> 128 -> 129 (one more copy for one more step).
+    """
+    sizes = []
+    capacity = min(FIRST_CAPACITY, max_length)
+    while capacity * 3 < max_length * 2:
+        sizes.append(capacity)
+        capacity *= 2
+    return [*sizes, max_length]
+
+
+def _row_axis(path: tuple[Any, ...]) -> int:
+    """A cache leaf's axes start at 0, or 1 under nn.scan (its leading axis is the layer).
+
+    Read from the leaf's path (a scanned stack's scope is named "layers"), so one cache may
+    hold scanned and unscanned members (an Ensemble of both). Every axis this module names is
+    offset by it.
+    """
+    return 1 if any(getattr(k, "key", None) == "layers" for k in path) else 0
+
+
+def reorder_cache(cache: dict, rows_R: Array) -> dict:
+    """The cache with row r taking over the history of row rows_R[r] (a beam reorder).
+
+    Only the small per-row tables (PER_ROW_CACHE) move; the keys and values stay.
+    """
+
+    def reorder(path: tuple[Any, ...], leaf: Array) -> Array:
+        if getattr(path[-1], "key", None) not in PER_ROW_CACHE:
+            return leaf
+        # Indices are in range by construction; "clip" skips the default "fill" mode's masking.
+        return jnp.take(leaf, rows_R, axis=_row_axis(path), mode="clip")
+
+    return jax.tree_util.tree_map_with_path(reorder, cache)
+
+
+def grow_cache(cache: dict, capacity: int) -> dict:
+    """The cache with capacity slots per row: its growing leaves padded along their slot axis.
+
+    The new slots are never read before they are written: each step's mask stops at its index.
+    """
+    origins = [
+        leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]
+        if getattr(path[-1], "key", None) == BEAM_ORIGIN
+    ]
+    if not origins:
+        raise ValueError("grow_cache: not a decoding cache (no beam_origin leaf); see init_cache")
+    old = origins[0].shape[-1]
+
+    def grow(path: tuple[Any, ...], leaf: Array) -> Array:
+        name = getattr(path[-1], "key", None)
+        if name not in CACHE_SLOT_AXIS:
+            return leaf
+        axis = _row_axis(path) + CACHE_SLOT_AXIS[name]
+        # Keys and values hold one block of `old` slots per row of the source: pad each block.
+        blocks = leaf.shape[axis] // old
+        blocked = leaf.reshape(*leaf.shape[:axis], blocks, old, *leaf.shape[axis + 1 :])
+        pad = [(0, 0)] * blocked.ndim
+        pad[axis + 1] = (0, capacity - old)
+        return jnp.pad(blocked, pad).reshape(
+            *leaf.shape[:axis], blocks * capacity, *leaf.shape[axis + 1 :]
+        )
+
+    return jax.tree_util.tree_map_with_path(grow, cache)
+
+
+def init_cache(
+    model: nn.Module,
+    params: dict,
+    encoded_BxSxD: Any,
+    src_ids_BxS: Array,
+    max_length: int,
+    copies: int = 1,
+) -> dict:
+    """Create the decoding cache for a batch: self-attention slots and projected encoder output.
+
+    model is a Transformer or anything with its encode/decode methods (an Ensemble). With
+    copies = k the self-attention cache holds k rows per source (beams) and the projected
+    encoder output one.
+    """
+    dummy_BxT = jnp.zeros((src_ids_BxS.shape[0] * copies, max_length), jnp.int32)
+    _, variables = model.apply(
+        {"params": params},
+        encoded_BxSxD,
+        src_ids_BxS,
+        dummy_BxT,
+        decode=True,
+        mutable=["cache"],
+        method="decode",
+    )
+    return variables["cache"]

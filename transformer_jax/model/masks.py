@@ -1,0 +1,60 @@
+"""What may attend to what: one description per attention call, in each kernel's own form.
+
+The Encoder and Decoder describe every attention call once: which query and key positions are
+real (padding), which packed segment each belongs to, and whether it is causal. Each kernel
+reads that description in its own form, all of them written here: a dense boolean mask for
+einsum and jax.nn.dot_product_attention (`dense`), and segment ids plus a causal or full mask
+for splash attention (`splash_segments`, `causal`). A new rule is added here once, in each form.
+A cached decoding step's history is the cache's own (`cache.StepMask`).
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class AttentionMask:
+    """Queries [B, T] may attend to keys [B, S]: both real, the same segment, causal if set.
+
+    Segment ids are 1, 2, ... for packed examples and 0 for padding. When decoding, the
+    cross-attention reads a source's W beam rows as one query row of W x T positions: the
+    decoder then describes the queries in that grouped form.
+    """
+
+    q_valid: Array  # [B, T] bool
+    k_valid: Array  # [B, S] bool
+    q_segment: Array | None = None  # [B, T] int
+    k_segment: Array | None = None  # [B, S] int
+    causal: bool = flax.struct.field(pytree_node=False, default=False)
+
+    def dense(self) -> Array:
+        """Boolean [B, 1, T, S]: True where a query may read a key."""
+        mask_BxTxS = self.q_valid[:, :, None] & self.k_valid[:, None, :]
+        if self.q_segment is not None and self.k_segment is not None:
+            mask_BxTxS &= self.q_segment[:, :, None] == self.k_segment[:, None, :]
+        if self.causal:
+            T, S = self.q_valid.shape[1], self.k_valid.shape[1]
+            # Row index comparison is right for packed rows too: segments are contiguous.
+            mask_BxTxS &= jnp.arange(T)[:, None] >= jnp.arange(S)[None, :]
+        return mask_BxTxS[:, None, :, :]
+
+    def splash_segments(self) -> tuple[Array, Array]:
+        """int32 segment ids (queries [B, T], keys [B, S]) that splash attention compares.
+
+        Real positions keep their segment (1 when the row is not packed); padded keys get 0.
+        A padded query takes the segment of the row's first key, so it always reads at least
+        one key: a query row with none gives 0/0 in the kernel's softmax and NaN gradients.
+        Padded queries' outputs are never used (the loss masks them).
+        """
+        k_segment = self.k_valid.astype(jnp.int32)
+        q_segment = self.q_valid.astype(jnp.int32)
+        if self.k_segment is not None and self.q_segment is not None:
+            k_segment = jnp.where(self.k_valid, self.k_segment, 0).astype(jnp.int32)
+            q_segment = self.q_segment.astype(jnp.int32)
+        q_segment = jnp.where(self.q_valid, q_segment, k_segment[:, :1])
+        return q_segment, k_segment
