@@ -127,3 +127,36 @@ def run_module(module: str, *args: str, stdin: str = "") -> subprocess.Completed
         check=False,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
+
+
+def step_by_step(model, params: dict, src, tgt, capacity: int, on_step=None):
+    """Logits [B, T, V] of cached decoding fed tgt's tokens one step at a time (BOS first).
+
+    model is a Transformer or an Ensemble; the cache starts with `capacity` slots and
+    on_step(t, cache), if given, sees the cache after each step.
+    """
+    import numpy as np
+
+    from transformer_jax.config import BOS_ID
+    from transformer_jax.model import init_cache
+
+    encoded = model.apply({"params": params}, src, method="encode")
+    cache = init_cache(model, params, encoded, src, max_length=capacity)
+    previous = np.full((src.shape[0], 1), BOS_ID, np.int32)
+    steps = []
+    for t in range(tgt.shape[1]):
+        logits, mutated = model.apply(
+            {"params": params, "cache": cache},
+            encoded,
+            src,
+            previous,
+            decode=True,
+            mutable=["cache"],
+            method="decode",
+        )
+        cache = mutated["cache"]
+        if on_step is not None:
+            on_step(t, cache)
+        steps.append(np.asarray(logits[:, 0]))
+        previous = tgt[:, t : t + 1]
+    return np.stack(steps, axis=1)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import step_by_step
 
 from transformer_jax import sharding
 from transformer_jax.config import BOS_ID, PAD_ID, ModelConfig
@@ -42,6 +43,11 @@ VARIANTS = {
     "gqa_untied": {"num_kv_heads": 2, "embedding_sharing": "none"},
     "mqa_target_tied": {"num_kv_heads": 1, "embedding_sharing": "target", "feed_forward": "gelu"},
     "scan_remat": {"scan_layers": True, "remat": "dots"},
+    # Positions inside attention and sliding windows (docs/model.md, "Positions and windows").
+    "rope_gqa": {"position_encoding": "rope", "num_kv_heads": 2},
+    "alibi_window": {"position_encoding": "alibi", "attention_window": 3},
+    "rope_window_pre": {"position_encoding": "rope", "attention_window": 2, "norm_position": "pre"},
+    "none_window_scan": {"position_encoding": "none", "attention_window": 4, "scan_layers": True},
 }
 
 
@@ -148,7 +154,10 @@ def test_appending_padding_changes_nothing(variant: str) -> None:
     np.testing.assert_allclose(logits, logits_padded[:, :5], atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["paper", "pre_rms", "gqa_untied"])
+@pytest.mark.parametrize(
+    "variant",
+    ["paper", "pre_rms", "gqa_untied", "rope_gqa", "alibi_window", "none_window_scan"],
+)
 def test_packed_row_equals_each_sequence_alone(variant: str) -> None:
     config = SMALL.replace(**VARIANTS[variant])
     rng = np.random.default_rng(3)
@@ -187,22 +196,9 @@ def test_cached_step_by_step_decoding_equals_full_forward(variant: str) -> None:
     model, params = build(config, src, tgt)
     full = model.apply({"params": params}, src, tgt)
 
-    encoded = model.apply({"params": params}, src, method=Transformer.encode)
-    cache = init_cache(model, params, encoded, src, max_length=tgt.shape[1])
-    previous = np.full((3, 1), BOS_ID, np.int32)
+    steps = step_by_step(model, params, src, tgt, capacity=tgt.shape[1])
     for t in range(tgt.shape[1]):
-        step_logits, mutated = model.apply(
-            {"params": params, "cache": cache},
-            encoded,
-            src,
-            previous,
-            decode=True,
-            mutable=["cache"],
-            method=Transformer.decode,
-        )
-        cache = mutated["cache"]
-        np.testing.assert_allclose(step_logits[:, 0], full[:, t], atol=1e-4, err_msg=f"step {t}")
-        previous = tgt[:, t : t + 1]
+        np.testing.assert_allclose(steps[:, t], full[:, t], atol=1e-4, err_msg=f"step {t}")
 
 
 def test_a_beam_reorder_moves_histories_not_keys() -> None:

@@ -137,6 +137,7 @@ VARIANTS = {
         "use_bias": False,
     },
     "gqa_two_kv_heads_of_four": {"num_heads": 4, "num_kv_heads": 2},
+    "no_positions": {"position_encoding": "none"},
     "gelu_target_sharing_scanned": {
         "feed_forward": "gelu",
         "embedding_sharing": "target",

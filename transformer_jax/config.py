@@ -23,7 +23,9 @@ NUM_RESERVED_IDS = 4
 DType = Literal["float32", "bfloat16", "float16"]
 NormPosition = Literal["post", "pre"]
 NormType = Literal["layernorm", "rmsnorm"]
-PositionEncoding = Literal["sinusoidal", "learned"]
+# sinusoidal and learned are added at the embedding; rope rotates queries and keys and alibi
+# biases the scores, in self-attention; none is the bag-of-words control.
+PositionEncoding = Literal["sinusoidal", "learned", "rope", "alibi", "none"]
 # swish: silu(x W1 + b1) W2 + b2, not gated (Marian / OPUS-MT); swiglu is the gated form.
 FeedForwardType = Literal["relu", "gelu", "swish", "swiglu"]
 EmbeddingSharing = Literal["all", "target", "none"]
@@ -57,6 +59,11 @@ class ModelConfig:
     norm_type: NormType = "layernorm"
     layer_norm_epsilon: float = 1e-6
     position_encoding: PositionEncoding = "sinusoidal"
+    # rope only: the base of the rotation frequencies, theta^(-2i/d_k) (RoFormer's 10000).
+    rope_theta: float = 10000.0
+    # Sliding-window self-attention: a decoder position sees itself and the W - 1 before it,
+    # an encoder position those within W - 1 either side; None: the whole row.
+    attention_window: int | None = None
     feed_forward: FeedForwardType = "relu"
     # Biases on attention and FFN projections (the paper's count includes them).
     use_bias: bool = True
@@ -124,6 +131,24 @@ class ModelConfig:
             "splash attention has no dropout on the probabilities; use attention_impl='einsum' "
             "or set 0",
         )
+        _require(
+            not (self.position_encoding == "alibi" and self.attention_impl == "splash"),
+            "position_encoding",
+            "'alibi' adds a bias to the scores, which attention_impl='splash' cannot take; use "
+            "attention_impl='einsum' or 'dot_product', or position_encoding='rope'",
+        )
+        _require(
+            self.position_encoding != "rope" or self.head_dim % 2 == 0,
+            "position_encoding",
+            f"'rope' rotates pairs of channels: head_dim={self.head_dim} must be even",
+        )
+        _require(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
+        if self.attention_window is not None:
+            _require(
+                self.attention_window >= 1,
+                "attention_window",
+                f"must be at least 1 (or None), got {self.attention_window}",
+            )
         if self.splash_block_size is not None:
             _require(
                 self.splash_block_size >= 128 and self.splash_block_size % 128 == 0,

@@ -27,7 +27,10 @@ EXPORT_TOKENIZER = "tokenizer.model"
 _EXPRESSIBLE: dict[str, set[object]] = {
     "norm_position": {"post", "pre"},
     "norm_type": {"layernorm", "rmsnorm"},
-    "position_encoding": {"sinusoidal", "learned"},
+    # rope and alibi act inside attention, which TransformerSpec's encoder cannot; "none" is
+    # a table of zeros.
+    "position_encoding": {"sinusoidal", "learned", "none"},
+    "attention_window": {None},  # no sliding window in TransformerSpec's encoder
     "feed_forward": {"relu", "gelu", "swish", "swiglu"},
     "embedding_sharing": {"all", "target", "none"},
     "use_bias": {True, False},
@@ -46,6 +49,7 @@ _SHAPES = (
     "max_len",
     "layer_norm_epsilon",
     "decoder_start_id",  # exported as CTranslate2's decoder_start_token
+    "rope_theta",  # read only by position_encoding="rope", which is refused above
 )
 
 
@@ -187,6 +191,8 @@ def _fill(spec: Any, config: ModelConfig, params: dict) -> None:
 def _position_table(config: ModelConfig, stack: dict) -> np.ndarray:
     if config.position_encoding == "learned":
         return stack["position_embedding"]["position_embedding"]
+    if config.position_encoding == "none":
+        return np.zeros((config.max_len, config.d_model), np.float32)
     import jax.numpy as jnp
 
     from transformer_jax.model.layers import sinusoidal_encoding

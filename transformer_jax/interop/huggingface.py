@@ -522,8 +522,13 @@ _MARIAN_RULES: dict[str, fields.Rule] = {
             "embedding_sharing",  # share_encoder_decoder_embeddings, tie_word_embeddings
             "logits_bias",  # final_logits_bias
             "scan_layers",  # parameters are unstacked first
+            "rope_theta",  # read only by position_encoding="rope", which is refused below
         )
     },
+    "attention_window": (
+        lambda c: c.attention_window is None,
+        "MarianMTModel has no sliding-window attention",
+    ),
     "d_model": (lambda c: c.d_model % 2 == 0, "the sinusoid needs an even d_model"),
     "num_kv_heads": (
         lambda c: c.kv_heads == c.num_heads,

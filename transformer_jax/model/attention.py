@@ -1,8 +1,9 @@
 """Multi-head attention (section 3.2) as one seam: project -> positions -> cache -> attend.
 
-One call reads: project queries, keys and values (HeadProjection); apply positions (none yet:
-sinusoidal and learned positions were added at the embedding, and the positions passed here
-are where rotary positions will act); read or write the decoding cache (model/cache.py); attend
+One call reads: project queries, keys and values (HeadProjection); apply positions in
+self-attention (rotary positions rotate queries and keys, ALiBi makes a bias on the scores:
+model/positions.py; sinusoidal and learned positions were added at the embedding); read or
+write the decoding cache (model/cache.py); attend
 through the kernel that config.attention_impl names (model/kernels.py), given one description of
 what may attend to what (masks.AttentionMask, or cache.StepMask for a cached step); project out.
 """
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer_jax.config import ModelConfig
-from transformer_jax.model import kernels
+from transformer_jax.model import kernels, positions
 from transformer_jax.model.cache import KVCache, StepMask, cross_memory
 from transformer_jax.model.layers import dtype_of
 from transformer_jax.model.masks import AttentionMask
@@ -118,8 +119,8 @@ class MultiHeadAttention(nn.Module):
         decoding step. When decoding, x may hold `copies` consecutive rows per source (beam
         hypotheses): the cross-attention then reads one memory per source (its mask describes
         a source's rows as one grouped query row), and a cached step reads each source's cache
-        once for all its rows. positions_BxT are the queries' position ids, for position
-        schemes that act inside attention (sinusoidal and learned act at the embedding).
+        once for all its rows. positions_BxT are the queries' position ids (a cached step's:
+        the step), for the position schemes that act inside self-attention.
         """
         cfg = self.config
         H, G = cfg.num_heads, cfg.kv_heads
@@ -138,16 +139,28 @@ class MultiHeadAttention(nn.Module):
             query_BxTxHxK = _group_rows(query_BxTxHxK, copies)
         else:
             key_BxSxGxK, value_BxSxGxK = project_memory()
+        bias_BxHxTxS = None
+        if not self.is_cross_attention and positions_BxT is not None:
+            # Self-attention: the keys are this call's own rows, at the queries' positions.
+            if cfg.position_encoding == "rope":
+                query_BxTxHxK = positions.rope(query_BxTxHxK, positions_BxT, cfg.rope_theta)
+                key_BxSxGxK = positions.rope(key_BxSxGxK, positions_BxT, cfg.rope_theta)
+            elif cfg.position_encoding == "alibi":
+                k_positions = (
+                    mask.slot_positions()[None] if isinstance(mask, StepMask) else positions_BxT
+                )
+                q_positions = positions_BxT[:1, :1] if isinstance(mask, StepMask) else positions_BxT
+                bias_BxHxTxS = positions.alibi_bias(q_positions, k_positions, H)
 
         if isinstance(mask, StepMask):  # a cached self-attention step, one query per row
             cache = KVCache(self, key_BxSxGxK, copies)
-            key_BxGxSxK, value_BxGxSxK = cache.write(key_BxSxGxK, value_BxSxGxK, mask.index)
+            key_BxGxSxK, value_BxGxSxK = cache.write(key_BxSxGxK, value_BxSxGxK, mask.slot)
             key_BxGxSxK = nn.with_logical_constraint(key_BxGxSxK, ACT_BHLK)
             value_BxGxSxK = nn.with_logical_constraint(value_BxGxSxK, ACT_BHLK)
             # A source's rows query its cache together.
             probs: Array | None
             out_BxTxHxK, probs = kernel.step(
-                _group_rows(query_BxTxHxK, copies), key_BxGxSxK, value_BxGxSxK, mask
+                _group_rows(query_BxTxHxK, copies), key_BxGxSxK, value_BxGxSxK, mask, bias_BxHxTxS
             )
         else:
             if decode and not self.is_cross_attention:
@@ -169,6 +182,7 @@ class MultiHeadAttention(nn.Module):
                 value_BxSxGxK,
                 mask,
                 config=cfg,
+                bias_BxHxTxS=bias_BxHxTxS,
                 dropout_fn=dropout_fn,
             )
         if probs is not None:

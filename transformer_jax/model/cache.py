@@ -10,8 +10,10 @@ history. So a step reads each cached key once, with no gather and no transpose; 
 of a source share one matrix product. Cross-attention caches its keys and values of the
 encoder output, one copy per source, projected on the cache-creating call.
 
-The step is counted once, by the decoder (`DecoderSteps`): its `position` is the slot every
-layer writes, handed to the layers inside the step's `StepMask`.
+The step is counted once, by the decoder (`DecoderSteps`): its `position` is the step every
+layer writes, handed to the layers inside the step's `StepMask` with the slot it goes to. With
+a sliding window of W the cache is a ring: its capacity stops at W slots and step i writes
+slot i mod W, so the memory of a decode stops growing with its length.
 """
 
 from __future__ import annotations
@@ -43,29 +45,55 @@ FIRST_CAPACITY = 16
 class StepMask:
     """One cached self-attention step: query row b * W + w reads the slots of its own history.
 
-    origin is the decoder's BEAM_ORIGIN table [B * W, C]; index is the step (the slot written
-    now); slots after it are not written yet.
+    origin is the decoder's BEAM_ORIGIN table [B * W, C]; index is the step and slot the slot
+    it writes (the same until a windowed cache wraps around its C slots); slots not written
+    yet, and with a window those W or more steps back, are hidden.
     """
 
     origin: Array  # [B * W, C] int32
     index: Array  # [] int32
+    slot: Array  # [] int32
     copies: int = flax.struct.field(pytree_node=False, default=1)
+    window: int | None = flax.struct.field(pytree_node=False, default=None)
+
+    def slot_steps(self) -> Array:
+        """[C] int32: the step whose keys each slot holds (negative: not written yet)."""
+        C = self.origin.shape[1]
+        if self.window is None:
+            return jnp.arange(C, dtype=jnp.int32)
+        # A ring: slot c holds the latest step s <= index with s = c (mod C).
+        return self.index - jnp.mod(self.index - jnp.arange(C, dtype=jnp.int32), C)
+
+    def slot_positions(self) -> Array:
+        """[W * C] int32: the position of every cache slot, in the cache's W x C layout."""
+        return jnp.tile(self.slot_steps(), self.copies)
 
     def dense(self) -> Array:
         """Boolean [B, 1, W, W * C] over the cache's slots."""
         R, C = self.origin.shape
         W = self.copies
+        if self.window is None:
+            written_C = jnp.arange(C) <= self.index
+        else:
+            steps_C = self.slot_steps()
+            written_C = (steps_C >= 0) & (self.index - steps_C < self.window)
         origin_BxWxC = self.origin.reshape(R // W, W, C)
         rows_1x1xWx1 = jnp.arange(W)[None, None, :, None]
-        ours_BxWxWxC = (origin_BxWxC[:, :, None, :] == rows_1x1xWx1) & (jnp.arange(C) <= self.index)
+        ours_BxWxWxC = (origin_BxWxC[:, :, None, :] == rows_1x1xWx1) & written_C
         return ours_BxWxWxC.reshape(R // W, 1, W, W * C)
 
 
 class DecoderSteps:
-    """The decoder's side of the cache: the step counter and the beam-origin table."""
+    """The decoder's side of the cache: the step counter and the beam-origin table.
 
-    def __init__(self, module: nn.Module) -> None:
+    With a sliding window the cache is a ring: once it holds all W slots of the window (its
+    last capacity, see `capacities`), step i writes slot i mod W, so memory stops growing with
+    the output.
+    """
+
+    def __init__(self, module: nn.Module, window: int | None) -> None:
         self.module = module
+        self.window = window
 
     @property
     def stepping(self) -> bool:
@@ -88,12 +116,13 @@ class DecoderSteps:
                 f"decode: {rows} rows step a cache made for {origin.value.shape[0]}; build it "
                 "with init_cache(..., copies=rows/source)"
             )
+        slot = index if self.window is None else jnp.mod(index, origin.value.shape[1])
         # Each row writes this step's keys into its own physical row of the cache.
         own_Rx1 = (jnp.arange(rows, dtype=jnp.int32) % copies)[:, None]
         origin.value = jax.lax.dynamic_update_slice(
-            origin.value, own_Rx1, (jnp.array(0, jnp.int32), index)
+            origin.value, own_Rx1, (jnp.array(0, jnp.int32), slot)
         )
-        return index, StepMask(origin.value, index, copies)
+        return index, StepMask(origin.value, index, slot, copies, self.window)
 
 
 class KVCache:
@@ -107,8 +136,8 @@ class KVCache:
         self.value = module.variable("cache", CACHED_VALUE, jnp.zeros, shape, dtype)
         self.copies = copies
 
-    def write(self, key_RxTxGxK: Array, value_RxTxGxK: Array, index: Array) -> tuple[Array, Array]:
-        """Store one step's keys and values at slot `index` of every row; the whole cache."""
+    def write(self, key_RxTxGxK: Array, value_RxTxGxK: Array, slot: Array) -> tuple[Array, Array]:
+        """Store one step's keys and values at `slot` of every row; the whole cache."""
         _, T, G, K = key_RxTxGxK.shape
         if T != 1:
             raise ValueError(
@@ -125,7 +154,7 @@ class KVCache:
             # makes XLA:CPU fuse the update into both its readers and copy the cache per step.
             for w in range(W):
                 cache_BxGxSxK = jax.lax.dynamic_update_slice(
-                    cache_BxGxSxK, new_BxGxWxK[:, :, w : w + 1], (zero, zero, w * C + index, zero)
+                    cache_BxGxSxK, new_BxGxWxK[:, :, w : w + 1], (zero, zero, w * C + slot, zero)
                 )
             return cache_BxGxSxK
 
@@ -146,18 +175,21 @@ def cross_memory(
     return key_BxSxGxK, value_BxSxGxK
 
 
-def capacities(max_length: int) -> list[int]:
-    """The cache sizes a decode may pass through: 16, 32, ... and max_length last.
+def capacities(max_length: int, window: int | None = None) -> list[int]:
+    """The cache sizes a decode may pass through: 16, 32, ... and the largest last.
 
-    The last doubling stops where max_length is within 1.5x, so a buffer of 129 (128 tokens
-    and EOS) ends 64 -> 129 rather than 64 -> 128 -> 129 (one more copy for one more step).
+    The largest is max_length, or the window when it is shorter (a ring of W slots, which the
+    last stage of the decoding loop keeps using to the end). The last doubling stops where the
+    largest is within 1.5x, so a buffer of 129 (128 tokens and EOS) ends 64 -> 129 rather than
+    64 -> 128 -> 129 (one more copy for one more step).
     """
+    largest = max_length if window is None else min(window, max_length)
     sizes = []
-    capacity = min(FIRST_CAPACITY, max_length)
-    while capacity * 3 < max_length * 2:
+    capacity = min(FIRST_CAPACITY, largest)
+    while capacity * 3 < largest * 2:
         sizes.append(capacity)
         capacity *= 2
-    return [*sizes, max_length]
+    return [*sizes, largest]
 
 
 def _row_axis(path: tuple[Any, ...]) -> int:

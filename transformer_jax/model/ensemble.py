@@ -48,8 +48,17 @@ class Ensemble(nn.Module):
 
     @property
     def config(self) -> ModelConfig:
-        """The config decoders read (vocabulary, start token); max_len is the members' least."""
-        return self.configs[0].replace(max_len=min(c.max_len for c in self.configs))
+        """The config decoders read (vocabulary, start token); max_len is the members' least.
+
+        attention_window is the members' largest (None if any has none): the decoding cache
+        then keeps as many slots as the widest member needs, and each member's own window
+        hides the slots it may not read.
+        """
+        windows = [c.attention_window for c in self.configs]
+        window = None if None in windows else max(w for w in windows if w is not None)
+        return self.configs[0].replace(
+            max_len=min(c.max_len for c in self.configs), attention_window=window
+        )
 
     def encode(
         self,

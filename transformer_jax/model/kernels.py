@@ -53,9 +53,7 @@ class Kernel:
     """One attention_impl: its full-sequence kernel and its cached decoding step."""
 
     attend: Attend
-    step: Callable[[Array, Array, Array, StepMask], tuple[Array, Array]]
-    dropout: bool  # whether attend applies attention dropout
-    bias: bool  # whether attend takes an additive bias
+    step: Callable[..., tuple[Array, Array]]  # cached_step_attention's signature
 
 
 def scale_query(query_BxTxHxK: Array) -> Array:
@@ -103,7 +101,11 @@ def einsum_attention(
 
 
 def cached_step_attention(
-    query_BxTxHxK: Array, key_BxGxSxK: Array, value_BxGxSxK: Array, mask: StepMask
+    query_BxTxHxK: Array,
+    key_BxGxSxK: Array,
+    value_BxGxSxK: Array,
+    mask: StepMask,
+    bias_BxHxTxS: Array | None = None,
 ) -> tuple[Array, Array]:
     """One decoding step against the cache: T = W queries per source over its S = W x C slots.
 
@@ -120,6 +122,8 @@ def cached_step_attention(
     scores_BxGxRxTxS = jnp.einsum(
         "BGRTK,BGSK->BGRTS", query_BxGxRxTxK, key_BxGxSxK, preferred_element_type=jnp.float32
     )
+    if bias_BxHxTxS is not None:
+        scores_BxGxRxTxS += bias_BxHxTxS.reshape(-1, G, R, *bias_BxHxTxS.shape[2:])
     scores_BxGxRxTxS = jnp.where(
         mask.dense()[:, :, None], scores_BxGxRxTxS, jnp.finfo(jnp.float32).min
     )
@@ -138,14 +142,20 @@ def fused_attention(
     mask_Bx1xTxS: Array | None,
     *,
     bias_BxHxTxS: Array | None = None,
+    local_window_size: tuple[int, int] | None = None,
 ) -> Array:
-    """The same computation through jax.nn.dot_product_attention (cuDNN flash kernel on GPU)."""
+    """The same computation through jax.nn.dot_product_attention (cuDNN flash kernel on GPU).
+
+    A sliding window is in the mask already; local_window_size also tells the kernel, so
+    cuDNN can skip the blocks outside it.
+    """
     return jax.nn.dot_product_attention(
         query_BxTxHxK,
         key_BxSxGxK,
         value_BxSxGxK,
         bias=bias_BxHxTxS,
         mask=mask_Bx1xTxS,
+        local_window_size=local_window_size,
         implementation=None,
     )
 
@@ -181,7 +191,12 @@ def _dot_product(
     dropout_fn: Callable[[Array], Array] | None = None,
 ) -> tuple[Array, Array | None]:
     out = fused_attention(
-        query_BxTxHxK, key_BxSxGxK, value_BxSxGxK, mask.dense(), bias_BxHxTxS=bias_BxHxTxS
+        query_BxTxHxK,
+        key_BxSxGxK,
+        value_BxSxGxK,
+        mask.dense(),
+        bias_BxHxTxS=bias_BxHxTxS,
+        local_window_size=mask.local_window(),
     )
     return out, None
 
@@ -204,11 +219,9 @@ def _splash(
 
 
 KERNELS: dict[str, Kernel] = {
-    "einsum": Kernel(attend=_einsum, step=cached_step_attention, dropout=True, bias=True),
-    "dot_product": Kernel(
-        attend=_dot_product, step=cached_step_attention, dropout=False, bias=True
-    ),
-    "splash": Kernel(attend=_splash, step=cached_step_attention, dropout=False, bias=False),
+    "einsum": Kernel(attend=_einsum, step=cached_step_attention),
+    "dot_product": Kernel(attend=_dot_product, step=cached_step_attention),
+    "splash": Kernel(attend=_splash, step=cached_step_attention),
 }
 
 

@@ -85,7 +85,11 @@ class Embed(nn.Module):
 
 
 class PositionEmbedding(nn.Module):
-    """Adds position information to token embeddings: sinusoidal (paper) or learned (Table 3 E)."""
+    """Adds position information to token embeddings: sinusoidal (paper) or learned (Table 3 E).
+
+    rope and alibi act inside attention (model/positions.py) and none adds nothing: for those
+    the embeddings pass through unchanged.
+    """
 
     config: ModelConfig
 
@@ -93,6 +97,8 @@ class PositionEmbedding(nn.Module):
     def __call__(self, x_BxLxD: Array, positions_BxL: Array) -> Array:
         """x + PE(positions)."""
         cfg = self.config
+        if cfg.position_encoding not in ("sinusoidal", "learned"):
+            return x_BxLxD
         if cfg.position_encoding == "sinusoidal":
             pe_BxLxD = sinusoidal_encoding(positions_BxL, cfg.d_model)
         else:

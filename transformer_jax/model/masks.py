@@ -31,17 +31,29 @@ class AttentionMask:
     q_segment: Array | None = None  # [B, T] int
     k_segment: Array | None = None  # [B, S] int
     causal: bool = flax.struct.field(pytree_node=False, default=False)
+    # Sliding window W: a query reads keys fewer than W positions away (only those before it,
+    # and itself, when causal). Self-attention only: query and key rows share positions.
+    window: int | None = flax.struct.field(pytree_node=False, default=None)
 
     def dense(self) -> Array:
         """Boolean [B, 1, T, S]: True where a query may read a key."""
         mask_BxTxS = self.q_valid[:, :, None] & self.k_valid[:, None, :]
         if self.q_segment is not None and self.k_segment is not None:
             mask_BxTxS &= self.q_segment[:, :, None] == self.k_segment[:, None, :]
+        T, S = self.q_valid.shape[1], self.k_valid.shape[1]
+        # Row index comparisons are right for packed rows too: segments are contiguous.
         if self.causal:
-            T, S = self.q_valid.shape[1], self.k_valid.shape[1]
-            # Row index comparison is right for packed rows too: segments are contiguous.
             mask_BxTxS &= jnp.arange(T)[:, None] >= jnp.arange(S)[None, :]
+        if self.window is not None:
+            mask_BxTxS &= jnp.abs(jnp.arange(T)[:, None] - jnp.arange(S)[None, :]) < self.window
         return mask_BxTxS[:, None, :, :]
+
+    def local_window(self) -> tuple[int, int] | None:
+        """(keys before, keys after) a query may read, as jax.nn.dot_product_attention's
+        local_window_size and splash's LocalMask take it; None without a window."""
+        if self.window is None:
+            return None
+        return (self.window - 1, 0 if self.causal else self.window - 1)
 
     def splash_segments(self) -> tuple[Array, Array]:
         """int32 segment ids (queries [B, T], keys [B, S]) that splash attention compares.

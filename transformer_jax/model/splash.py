@@ -11,7 +11,7 @@ step is traced under (jax.set_mesh and flax's logical_axis_rules); outside any m
 one device.
 
 - Masks: `AttentionMask.splash_segments` gives the padding and packing as SegmentIds; causal
-  self-attention adds CausalMask, everything else FullMask.
+  self-attention adds CausalMask, a sliding window LocalMask, everything else FullMask.
 - Lengths: padded to a multiple of the block (the kernel tiles whole blocks of at least 128,
   its lane width); padded keys never match a query, padded queries are dropped.
 - Blocks: `config.splash_block_size` (default: 512, or the largest power-of-two multiple of
@@ -100,7 +100,13 @@ def splash_attention(
 
     def local(q: Array, k: Array, v: Array, q_seg: Array, k_seg: Array) -> Array:
         kernel = _kernel(
-            q.shape[1], q.shape[2], k.shape[2], mask.causal, block, interpret=interpret
+            q.shape[1],
+            q.shape[2],
+            k.shape[2],
+            mask.causal,
+            mask.local_window(),
+            block,
+            interpret=interpret,
         )
 
         def one_row(q: Array, k: Array, v: Array, q_seg: Array, k_seg: Array) -> Array:
@@ -166,7 +172,14 @@ def _pad(x: Array, length: int, axis: int, value: int = 0) -> Array:
 
 
 def _kernel(
-    heads: int, q_len: int, kv_len: int, causal: bool, block: int, *, interpret: bool
+    heads: int,
+    q_len: int,
+    kv_len: int,
+    causal: bool,
+    window: tuple[int, int] | None,
+    block: int,
+    *,
+    interpret: bool,
 ) -> Any:
     """The splash kernel for one device's heads and these (padded) lengths.
 
@@ -174,7 +187,13 @@ def _kernel(
     (a kernel kept from another trace would carry that trace's tracers).
     """
     bq, bkv = _block(q_len, block), _block(kv_len, block)
-    head_mask = sm.CausalMask((q_len, kv_len)) if causal else sm.FullMask((q_len, kv_len))
+    shape = (q_len, kv_len)
+    if window is not None:  # a sliding window (causal or not); splash skips the blocks outside
+        head_mask: Any = sm.LocalMask(shape, window_size=window, offset=0)
+    elif causal:
+        head_mask = sm.CausalMask(shape)
+    else:
+        head_mask = sm.FullMask(shape)
     sizes = sk.BlockSizes(
         block_q=bq,
         block_kv=bkv,

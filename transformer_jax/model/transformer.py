@@ -212,7 +212,13 @@ class Encoder(nn.Module):
         if src_positions_BxS is None:
             src_positions_BxS = default_positions(src_ids_BxS)
         valid_BxS = src_ids_BxS != PAD_ID
-        mask = AttentionMask(valid_BxS, valid_BxS, src_segment_ids_BxS, src_segment_ids_BxS)
+        mask = AttentionMask(
+            valid_BxS,
+            valid_BxS,
+            src_segment_ids_BxS,
+            src_segment_ids_BxS,
+            window=cfg.attention_window,
+        )
         x_BxSxD = PositionEmbedding(cfg, name="position_embedding")(
             self.embedding(src_ids_BxS), src_positions_BxS
         )
@@ -261,7 +267,7 @@ class Decoder(nn.Module):
                 f"decoder: {tgt_ids_BxT.shape[0]} target rows for {src_ids_BxS.shape[0]} sources; "
                 "training takes one target per source, decoding a multiple (beams) of them"
             )
-        steps = DecoderSteps(self)
+        steps = DecoderSteps(self, cfg.attention_window)
         self_mask: AttentionMask | StepMask
         if decode and steps.stepping:
             # One step per call: tgt_ids holds the previous output token, no shift needed.
@@ -286,6 +292,7 @@ class Decoder(nn.Module):
                 tgt_segment_ids_BxT,
                 tgt_segment_ids_BxT,
                 causal=True,
+                window=cfg.attention_window,
             )
             cross_mask = AttentionMask(
                 tgt_valid_BxT.reshape(src_valid_BxS.shape[0], -1),  # a source's rows grouped
