@@ -174,7 +174,9 @@ class MultiHeadAttention(nn.Module):
                 def dropout_fn(p: Array) -> Array:
                     return dropout(p, deterministic=False)
 
-            # The cache-creating call's output is never used: it runs the plain formula.
+            # Decoding runs the plain formula here: the cache-creating call (its output is never
+            # used) and each step's cross-attention (W queries per source, where a kernel's
+            # 128-row query blocks would be padding).
             attend = kernels.kernel("einsum").attend if decode else kernel.attend
             out_BxTxHxK, probs = attend(
                 query_BxTxHxK,

@@ -32,12 +32,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec as P
 
 from transformer_jax.config import ModelConfig
+from transformer_jax.model.kernels import scale_query
 from transformer_jax.model.masks import AttentionMask
 
 Array = jax.Array
@@ -56,13 +56,12 @@ def splash_attention(
     config: ModelConfig,
 ) -> Array:
     """softmax(Q K^T / sqrt(d_k)) V through splash attention; the output is [B, T, H, K]."""
-    B, T, H, K = query_BxTxHxK.shape
+    B, T, H, _ = query_BxTxHxK.shape
     S, G = key_BxSxGxK.shape[1], key_BxSxGxK.shape[2]
     q_segment_BxT, k_segment_BxS = mask.splash_segments()
     block = config.splash_block_size or DEFAULT_BLOCK
     Tp, Sp = _padded(T, block), _padded(S, block)
-    scale = jnp.asarray(1.0 / np.sqrt(K), query_BxTxHxK.dtype)
-    q_BxHxTxK = _pad(jnp.swapaxes(query_BxTxHxK * scale, 1, 2), Tp, axis=2)
+    q_BxHxTxK = _pad(jnp.swapaxes(scale_query(query_BxTxHxK), 1, 2), Tp, axis=2)
     k_BxGxSxK = _pad(jnp.swapaxes(key_BxSxGxK, 1, 2), Sp, axis=2)
     v_BxGxSxK = _pad(jnp.swapaxes(value_BxSxGxK, 1, 2), Sp, axis=2)
     # Padded keys get -1, which no query has; padded queries read the row's first key.
@@ -94,7 +93,6 @@ def splash_attention(
     kv_heads = heads
     if G % tensor and G != 1:  # e.g. 2 key heads on a 4-way axis: give each query head its own
         k_BxGxSxK, v_BxGxSxK = (jnp.repeat(x, H // G, axis=1) for x in (k_BxGxSxK, v_BxGxSxK))
-        G = H
     elif G % tensor:  # one key head: every device keeps it whole
         kv_heads = None
 
