@@ -16,7 +16,7 @@ import pytest
 from conftest import checkpoint_params, step_by_step, tiny_train_config
 from test_model import SMALL
 
-from transformer_jax.config import PAD_ID, ModelConfig
+from transformer_jax.config import EOS_ID, PAD_ID, ModelConfig
 from transformer_jax.inference.decode import beam_search, greedy_decode
 from transformer_jax.interop import ctranslate2 as ct2_format
 from transformer_jax.interop import huggingface
@@ -108,7 +108,7 @@ def test_a_window_reaches_n_times_w_minus_1_back_and_no_further() -> None:
                 out = model.apply({"params": params}, moved, method=Transformer.encode)[0, t]
                 assert (not np.allclose(out, base_enc, atol=1e-5)) == (offset <= reach), j
         # Decoder: logits at t read decoder inputs t - reach .. t, the targets one earlier.
-        j = t - 1 - offset + 1
+        j = t - offset  # the decoder input at j is target j - 1
         moved = tgt.copy()
         moved[0, j - 1] = 4 + (tgt[0, j - 1] - 3) % 57
         out = model.apply({"params": params}, src, moved)[0, t]
@@ -250,3 +250,34 @@ def test_an_ensemble_of_windows_steps_its_ring_as_the_mean_of_its_members() -> N
     steps = step_by_step(ensemble, params, src, tgt, capacity=5)
     for t in range(tgt.shape[1]):
         np.testing.assert_allclose(steps[:, t], expected[:, t], atol=1e-4, err_msg=f"step {t}")
+
+
+def test_decoding_through_the_ring_equals_decoding_through_one_long_buffer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Window 40: the cache grows 16 -> 40 and wraps in 100 steps; the same tokens as a 100-slot
+    buffer read through the same window, for greedy and beam 4."""
+    from transformer_jax.inference import decode
+
+    config = SMALL.replace(position_encoding="alibi", attention_window=40, max_len=128)
+    rng = np.random.default_rng(7)
+    src = _ids(rng, (2, 6))
+    model, params = _build(config, src, src)
+    options = {"max_length": 100, "extra_length": 200}
+
+    def run() -> tuple[np.ndarray, ...]:
+        greedy = greedy_decode(model, params, jnp.asarray(src), return_scores=True, **options)
+        beam = beam_search(model, params, jnp.asarray(src), beam_size=4, **options)
+        return tuple(np.asarray(x) for x in (*greedy, *beam))
+
+    assert decode.cache_capacities(100, 40) == [16, 40]
+    ring = run()
+    # Some sentence must decode past the window's 40 slots, or nothing wrapped.
+    assert (ring[0][:, :50] != EOS_ID).all(axis=1).any(), ring[0]
+    monkeypatch.setattr(decode, "cache_capacities", lambda max_length, window: [max_length])
+    long = run()
+    for a, b in zip(ring, long, strict=True):
+        if a.dtype == np.int32:
+            np.testing.assert_array_equal(a, b)
+        else:
+            np.testing.assert_allclose(a, b, atol=1e-4)

@@ -74,11 +74,12 @@ class ModelConfig:
     decoder_start_id: int = BOS_ID
     dtype: DType = "float32"
     param_dtype: DType = "float32"
-    # The attention kernel (model/kernels.py): "einsum" everywhere, "dot_product" (cuDNN flash
-    # attention on GPU), "splash" (Pallas splash attention on TPU; interpret mode elsewhere).
+    # The attention kernel (model/kernels.py): "einsum" everywhere, "dot_product"
+    # (jax.nn.dot_product_attention), "splash" (Pallas splash attention on TPU; interpret mode
+    # elsewhere).
     attention_impl: AttentionImpl = "einsum"
-    # splash only: the kernel's query and key block (a multiple of 128); None picks 512, or
-    # the largest power-of-two multiple of 128 that tiles a shorter row.
+    # splash only: the kernel's query and key block (128 x a power of two); None picks 512.
+    # A shorter row takes the largest of block, block / 2, ..., 128 that tiles it.
     splash_block_size: int | None = None
     # Rematerialize each layer in the backward pass: "full" keeps only layer inputs, "dots"
     # also keeps matmul outputs (recomputes the cheap elementwise work).
@@ -150,10 +151,12 @@ class ModelConfig:
                 f"must be at least 1 (or None), got {self.attention_window}",
             )
         if self.splash_block_size is not None:
+            blocks = self.splash_block_size // 128
             _require(
-                self.splash_block_size >= 128 and self.splash_block_size % 128 == 0,
+                self.splash_block_size % 128 == 0 and blocks >= 1 and blocks & (blocks - 1) == 0,
                 "splash_block_size",
-                f"{self.splash_block_size} must be a positive multiple of 128 (the kernel's lanes)",
+                f"{self.splash_block_size} must be 128 times a power of two (128, 256, 512, ...): "
+                "the kernel's lanes are 128 wide and shorter rows take halved blocks",
             )
         _require(self.param_dtype != "float16", "param_dtype", "float16 parameters are unsupported")
 

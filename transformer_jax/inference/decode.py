@@ -11,7 +11,10 @@ doubles (up to max_length) when the longest open hypothesis fills it: the decodi
 chain of jax.lax.while_loops, one per capacity, and each next one (with the cache copied into
 the larger buffer) runs only if some sentence is still open (jax.lax.cond), so a batch that
 ends early never touches the long buffers. Masked slots contribute exactly zero to attention,
-so the tokens are those of decoding into one buffer of max_length slots.
+so the tokens are those of decoding into one buffer of max_length slots. With a sliding
+window the doubling stops at the window's size, and that last buffer is a ring each step
+overwrites in turn (model/cache.py): the tokens are those of a max_length buffer read
+through the window.
 
 Beam search keeps, per step, only what a step needs: each beam's 2W best next tokens are found
 first, then the joint best 2W among those W x 2W (not among W x V); every step writes the

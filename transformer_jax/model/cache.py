@@ -12,8 +12,9 @@ encoder output, one copy per source, projected on the cache-creating call.
 
 The step is counted once, by the decoder (`DecoderSteps`): its `position` is the step every
 layer writes, handed to the layers inside the step's `StepMask` with the slot it goes to. With
-a sliding window of W the cache is a ring: its capacity stops at W slots and step i writes
-slot i mod W, so the memory of a decode stops growing with its length.
+a sliding window of A positions (config.attention_window) the cache is a ring: its capacity
+stops at A slots and step i writes slot i mod A, so a decode's memory stops growing with its
+length.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class StepMask:
 
     origin is the decoder's BEAM_ORIGIN table [B * W, C]; index is the step and slot the slot
     it writes (the same until a windowed cache wraps around its C slots); slots not written
-    yet, and with a window those W or more steps back, are hidden.
+    yet, and with a window of A those A or more steps back, are hidden.
     """
 
     origin: Array  # [B * W, C] int32
@@ -86,9 +87,9 @@ class StepMask:
 class DecoderSteps:
     """The decoder's side of the cache: the step counter and the beam-origin table.
 
-    With a sliding window the cache is a ring: once it holds all W slots of the window (its
-    last capacity, see `capacities`), step i writes slot i mod W, so memory stops growing with
-    the output.
+    With a sliding window of A positions the cache is a ring: once it holds A slots (its last
+    capacity, see `capacities`), step i writes slot i mod A, so memory stops growing with the
+    output.
     """
 
     def __init__(self, module: nn.Module, window: int | None) -> None:

@@ -7,8 +7,9 @@ where the kernel never forms them). Each also names the path a cached decoding s
 one query per row against the cache's [B, G, slots, K] layout (`cache.StepMask`).
 
 - einsum: the formula spelled out in XLA; materializes the [B, H, T, S] scores. Everywhere.
-- dot_product: jax.nn.dot_product_attention; a fused cuDNN flash kernel on GPU, XLA's
-  attention (the same scores) on CPU and TPU.
+- dot_product: jax.nn.dot_product_attention with implementation=None, which jax 0.10.2 runs
+  as XLA's attention on every backend (the same scores as einsum); its cuDNN flash kernel is
+  implementation="cudnn", which no GPU here has tested.
 - splash: Pallas splash attention (model/splash.py); a flash kernel on TPU that never holds
   the scores, run in Pallas interpret mode (slow) elsewhere.
 
@@ -144,10 +145,10 @@ def fused_attention(
     bias_BxHxTxS: Array | None = None,
     local_window_size: tuple[int, int] | None = None,
 ) -> Array:
-    """The same computation through jax.nn.dot_product_attention (cuDNN flash kernel on GPU).
+    """The same computation through jax.nn.dot_product_attention (XLA's attention in jax 0.10.2).
 
-    A sliding window is in the mask already; local_window_size also tells the kernel, so
-    cuDNN can skip the blocks outside it.
+    A sliding window is in the mask already; local_window_size also tells the function, whose
+    fused implementations skip the blocks outside it.
     """
     return jax.nn.dot_product_attention(
         query_BxTxHxK,

@@ -3,12 +3,15 @@
 The Encoder and Decoder describe every attention call once: which query and key positions are
 real (padding), which packed segment each belongs to, and whether it is causal. Each kernel
 reads that description in its own form, all of them written here: a dense boolean mask for
-einsum and jax.nn.dot_product_attention (`dense`), and segment ids plus a causal or full mask
-for splash attention (`splash_segments`, `causal`). A new rule is added here once, in each form.
+einsum and jax.nn.dot_product_attention (`dense`, and `local_window`, which the latter also
+takes), and segment ids plus a causal, local or full mask object for splash attention
+(`splash_segments`, `splash_mask`). A new rule is added here once, in each form.
 A cached decoding step's history is the cache's own (`cache.StepMask`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.struct
 import jax
@@ -59,14 +62,26 @@ class AttentionMask:
         """int32 segment ids (queries [B, T], keys [B, S]) that splash attention compares.
 
         Real positions keep their segment (1 when the row is not packed); padded keys get 0.
-        A padded query takes the segment of the row's first key, so it always reads at least
-        one key: a query row with none gives 0/0 in the kernel's softmax and NaN gradients.
-        Padded queries' outputs are never used (the loss masks them).
+        No padded query may be left with no key to read (its softmax would be 0/0): without a
+        window it takes the segment of the row's first key; with one (self-attention, where
+        query and key positions coincide) it keeps 0 and reads the padded keys around it,
+        itself included. Padded queries' outputs are never used (the loss masks them).
         """
         k_segment = self.k_valid.astype(jnp.int32)
         q_segment = self.q_valid.astype(jnp.int32)
         if self.k_segment is not None and self.q_segment is not None:
             k_segment = jnp.where(self.k_valid, self.k_segment, 0).astype(jnp.int32)
-            q_segment = self.q_segment.astype(jnp.int32)
-        q_segment = jnp.where(self.q_valid, q_segment, k_segment[:, :1])
+            q_segment = jnp.where(self.q_valid, self.q_segment, 0).astype(jnp.int32)
+        if self.window is None:
+            q_segment = jnp.where(self.q_valid, q_segment, k_segment[:, :1])
         return q_segment, k_segment
+
+    def splash_mask(self, q_len: int, kv_len: int) -> Any:
+        """Splash's mask object for one head over (padded) lengths: causal, window or full."""
+        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+        shape = (q_len, kv_len)
+        window = self.local_window()
+        if window is not None:  # splash skips the blocks outside it
+            return sm.LocalMask(shape, window_size=window, offset=0)
+        return sm.CausalMask(shape) if self.causal else sm.FullMask(shape)

@@ -10,8 +10,8 @@ device running the kernel on its own rows and heads. The mesh and the rules are 
 step is traced under (jax.set_mesh and flax's logical_axis_rules); outside any mesh it runs on
 one device.
 
-- Masks: `AttentionMask.splash_segments` gives the padding and packing as SegmentIds; causal
-  self-attention adds CausalMask, a sliding window LocalMask, everything else FullMask.
+- Masks: `AttentionMask.splash_segments` gives the padding and packing as SegmentIds and
+  `AttentionMask.splash_mask` the mask object (CausalMask, LocalMask for a window, FullMask).
 - Lengths: padded to a multiple of the block (the kernel tiles whole blocks of at least 128,
   its lane width); padded keys never match a query, padded queries are dropped.
 - Blocks: `config.splash_block_size` (default: 512, or the largest power-of-two multiple of
@@ -64,11 +64,11 @@ def splash_attention(
     q_BxHxTxK = _pad(jnp.swapaxes(scale_query(query_BxTxHxK), 1, 2), Tp, axis=2)
     k_BxGxSxK = _pad(jnp.swapaxes(key_BxSxGxK, 1, 2), Sp, axis=2)
     v_BxGxSxK = _pad(jnp.swapaxes(value_BxSxGxK, 1, 2), Sp, axis=2)
-    # Padded keys get -1, which no query has; padded queries read the row's first key.
+    # Block padding: keys get -1, which no real query has; queries read the row's first key,
+    # or with a window (self-attention, Tp == Sp) the padded keys around them, as -1 too.
     k_segment_BxS = _pad(k_segment_BxS, Sp, axis=1, value=-1)
-    q_segment_BxT = jnp.concatenate(
-        [q_segment_BxT, jnp.broadcast_to(k_segment_BxS[:, :1], (B, Tp - T))], axis=1
-    )
+    pad_q = k_segment_BxS[:, :1] if mask.window is None else jnp.full((B, 1), -1, jnp.int32)
+    q_segment_BxT = jnp.concatenate([q_segment_BxT, jnp.broadcast_to(pad_q, (B, Tp - T))], axis=1)
 
     mesh = jax.sharding.get_abstract_mesh()
     platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
@@ -98,13 +98,7 @@ def splash_attention(
 
     def local(q: Array, k: Array, v: Array, q_seg: Array, k_seg: Array) -> Array:
         kernel = _kernel(
-            q.shape[1],
-            q.shape[2],
-            k.shape[2],
-            mask.causal,
-            mask.local_window(),
-            block,
-            interpret=interpret,
+            mask.splash_mask(q.shape[2], k.shape[2]), q.shape[1], block, interpret=interpret
         )
 
         def one_row(q: Array, k: Array, v: Array, q_seg: Array, k_seg: Array) -> Array:
@@ -169,29 +163,14 @@ def _pad(x: Array, length: int, axis: int, value: int = 0) -> Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _kernel(
-    heads: int,
-    q_len: int,
-    kv_len: int,
-    causal: bool,
-    window: tuple[int, int] | None,
-    block: int,
-    *,
-    interpret: bool,
-) -> Any:
-    """The splash kernel for one device's heads and these (padded) lengths.
+def _kernel(head_mask: Any, heads: int, block: int, *, interpret: bool) -> Any:
+    """The splash kernel for one device's heads and this (padded) mask shape.
 
     Built in each trace that needs it, not cached: its mask tables become arrays of that trace
     (a kernel kept from another trace would carry that trace's tracers).
     """
+    q_len, kv_len = head_mask.shape
     bq, bkv = _block(q_len, block), _block(kv_len, block)
-    shape = (q_len, kv_len)
-    if window is not None:  # a sliding window (causal or not); splash skips the blocks outside
-        head_mask: Any = sm.LocalMask(shape, window_size=window, offset=0)
-    elif causal:
-        head_mask = sm.CausalMask(shape)
-    else:
-        head_mask = sm.FullMask(shape)
     sizes = sk.BlockSizes(
         block_q=bq,
         block_kv=bkv,
