@@ -46,7 +46,6 @@ VARIANTS = {
     # Positions inside attention and sliding windows (docs/model.md, "Positions and windows").
     "rope_gqa": {"position_encoding": "rope", "num_kv_heads": 2},
     "alibi_window": {"position_encoding": "alibi", "attention_window": 3},
-    "rope_window_pre": {"position_encoding": "rope", "attention_window": 2, "norm_position": "pre"},
     "none_window_scan": {"position_encoding": "none", "attention_window": 4, "scan_layers": True},
 }
 

@@ -185,11 +185,11 @@ def test_greedy_and_beam_decode_every_scheme(overrides: dict) -> None:
     src = _ids(rng, (3, 6))
     src[2, 3:] = PAD_ID
     model, params = _build(config, src, src)
-    # 40 steps: past the 16-slot first capacity, and many times past the window's ring.
-    options = {"max_length": 40, "extra_length": 100}
+    # 24 steps: many times around the window's ring.
+    options = {"max_length": 24, "extra_length": 100}
     greedy = np.asarray(greedy_decode(model, params, jnp.asarray(src), **options))
     tokens, scores = beam_search(model, params, jnp.asarray(src), beam_size=4, **options)
-    assert greedy.shape == (3, 40) and np.asarray(tokens).shape[0] == 3
+    assert greedy.shape == (3, 24) and np.asarray(tokens).shape[0] == 3
     assert np.isfinite(np.asarray(scores)).all()
 
 
@@ -209,17 +209,14 @@ def test_the_exports_refuse_what_they_cannot_carry() -> None:
     assert huggingface.unsupported(SMALL.replace(position_encoding="none")) != []
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [{"position_encoding": "rope", "attention_window": 8}, {"position_encoding": "alibi"}],
-    ids=["rope_window", "alibi"],
-)
-def test_a_run_stops_and_resumes_exactly(overrides: dict, small_corpus, tmp_path) -> None:
+def test_a_run_stops_and_resumes_exactly(small_corpus, tmp_path) -> None:
+    """Through train_and_evaluate with rope and a window (the other schemes hold no state a
+    resume could lose: every scheme's parameters are ordinary checkpointed leaves)."""
     from transformer_jax.training.loop import train_and_evaluate
 
     config = tiny_train_config(small_corpus)
-    for key, value in overrides.items():
-        config.model[key] = value
+    config.model.position_encoding = "rope"
+    config.model.attention_window = 8
     config.data.test_split = ""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_and_evaluate(config, straight)

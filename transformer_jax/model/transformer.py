@@ -294,10 +294,12 @@ class Decoder(nn.Module):
                 causal=True,
                 window=cfg.attention_window,
             )
+            # A source's `copies` rows read its memory as one query row (copies is 1 in training).
+            sources = src_valid_BxS.shape[0]
             cross_mask = AttentionMask(
-                tgt_valid_BxT.reshape(src_valid_BxS.shape[0], -1),  # a source's rows grouped
+                tgt_valid_BxT.reshape(sources, -1),
                 src_valid_BxS,
-                tgt_segment_ids_BxT,
+                None if tgt_segment_ids_BxT is None else tgt_segment_ids_BxT.reshape(sources, -1),
                 src_segment_ids_BxS,
             )
         y_BxTxD = PositionEmbedding(cfg, name="position_embedding")(
