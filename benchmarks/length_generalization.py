@@ -111,7 +111,12 @@ def evaluate(workdir: Path, cap: int, sources: list[str], refs: list[str]) -> di
         if not picked:
             continue
         bleu = sacrebleu.corpus_bleu([hyps[i] for i in picked], [[refs[i] for i in picked]])
-        rows[f"{lo}-{hi}"] = {"bleu": round(bleu.score, 2), "sentences": len(picked)}
+        rows[f"{lo}-{hi}"] = {
+            "bleu": round(bleu.score, 2),
+            # Output length over reference length: below 1, the model stops early.
+            "length_ratio": round(bleu.sys_len / max(bleu.ref_len, 1), 3),
+            "sentences": len(picked),
+        }
     return rows
 
 
@@ -165,8 +170,12 @@ def main() -> None:
     print("| scheme | " + " | ".join(f"{k} ({counts[k]})" for k in columns) + " |")
     print("|---|" + "---:|" * len(columns))
     for scheme, rows in results.items():
-        cells = [f"{rows[k]['bleu']:.1f}" if k in rows else "" for k in columns]
+        cells = [
+            f"{rows[k]['bleu']:.1f} ({rows[k]['length_ratio']:.2f})" if k in rows else ""
+            for k in columns
+        ]
         print(f"| {scheme} | " + " | ".join(cells) + " |")
+    print("(in brackets: output length / reference length)")
     png = args.png or str(Path(args.output) / "length_generalization.png")
     Path(png).parent.mkdir(parents=True, exist_ok=True)
     plot(results, args.cap, png)
