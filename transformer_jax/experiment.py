@@ -8,12 +8,14 @@ field. (translate reads no experiment config: its settings are its flags, checke
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import ml_collections
 from etils import epath
+from ml_collections import config_dict
 
 from transformer_jax import sharding
 from transformer_jax.config import ModelConfig
@@ -23,8 +25,20 @@ Pair = tuple[str, str]
 
 
 def model_section(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
-    """A config's `model` section: every ModelConfig field, from a preset (the one source)."""
-    return ml_collections.ConfigDict(ModelConfig.preset(preset, **overrides).to_dict())
+    """A config's `model` section: every ModelConfig field, from a preset (the one source).
+
+    A field that is None (num_kv_heads, attention_window, splash_block_size) becomes a typed
+    placeholder, so `--config.model.attention_window=16` overrides it from the command line
+    (ml_collections cannot infer a type from None and would refuse the flag).
+    """
+    hints = typing.get_type_hints(ModelConfig)
+    values: dict[str, Any] = {}
+    for name, value in ModelConfig.preset(preset, **overrides).to_dict().items():
+        if value is None:
+            kinds = [t for t in typing.get_args(hints[name]) if t is not type(None)]
+            value = config_dict.placeholder(kinds[0]) if len(kinds) == 1 else None
+        values[name] = value
+    return ml_collections.ConfigDict(values)
 
 
 # Fields added after configs were first written: a config file or a workdir's config.json
