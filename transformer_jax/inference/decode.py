@@ -111,23 +111,19 @@ def _grown_loop(
     finish: Callable[[Any], Any],
     capacities: list[int],
     grow: Callable[[Any, int], Any],
-    ring: bool = False,
 ) -> Any:
     """finish(state) after stepping while is_open, the cache growing through capacities.
 
-    With ring (a sliding window's cache), the last capacity is a ring of slots that steps
-    overwrite in turn, so its stage runs until the loop closes.
+    The last stage runs until the loop closes (is_open stops at max_length): its capacity is
+    max_length, or a sliding window's ring of slots that steps overwrite in turn.
     """
 
     def run(k: int, state: Any) -> Any:
         capacity = capacities[k]
-        if ring and k == len(capacities) - 1:
-            state = jax.lax.while_loop(is_open, step_fn, state)
-        else:
-            # Step i writes cache slot i: a capacity of C holds steps 0 .. C - 1.
-            state = jax.lax.while_loop(lambda s: is_open(s) & (s.step < capacity), step_fn, state)
         if k == len(capacities) - 1:
-            return finish(state)
+            return finish(jax.lax.while_loop(is_open, step_fn, state))
+        # Step i writes cache slot i: a capacity of C holds steps 0 .. C - 1.
+        state = jax.lax.while_loop(lambda s: is_open(s) & (s.step < capacity), step_fn, state)
         return jax.lax.cond(
             is_open(state), lambda s: run(k + 1, grow(s, capacities[k + 1])), finish, state
         )
@@ -164,8 +160,7 @@ def _sequential_decode(
     Returns (outputs [B, T], log P(outputs) / lp(|outputs|, alpha) [B]).
     """
     B = src_ids_BxS.shape[0]
-    window = model.config.attention_window
-    capacities = cache_capacities(max_length, window)
+    capacities = cache_capacities(max_length, model.config.attention_window)
     encoded_BxSxD, cache = _encode_and_cache(model, params, src_ids_BxS, capacities[0], copies=1)
     limit_B = output_limits(src_ids_BxS, extra_length, max_length)
     rows_B = jnp.arange(B)
@@ -211,7 +206,7 @@ def _sequential_decode(
         out_BxT=jnp.full((B, max_length), PAD_ID, jnp.int32),
         logp_B=jnp.zeros((B,), jnp.float32),
     )
-    return _grown_loop(init, step, is_open, finish, capacities, grow, ring=window is not None)
+    return _grown_loop(init, step, is_open, finish, capacities, grow)
 
 
 def greedy_decode(
@@ -358,8 +353,7 @@ def beam_search(
             f"beam_search: num_hypotheses={num_hypotheses} must be in [1, beam_size={beam_size}]"
         )
     B, W, T = src_ids_BxS.shape[0], beam_size, max_length
-    window = model.config.attention_window
-    capacities = cache_capacities(max_length, window)
+    capacities = cache_capacities(max_length, model.config.attention_window)
     encoded_BxSxD, cache = _encode_and_cache(model, params, src_ids_BxS, capacities[0], copies=W)
     limit_B = output_limits(src_ids_BxS, extra_length, max_length)
 
@@ -414,9 +408,7 @@ def beam_search(
         done_step_BxW=jnp.zeros((B, W), jnp.int32),
         done_parent_BxW=jnp.zeros((B, W), jnp.int32),
     )
-    seqs_BxNxT, scores_BxN = _grown_loop(
-        init, step, is_open, finish, capacities, grow, ring=window is not None
-    )
+    seqs_BxNxT, scores_BxN = _grown_loop(init, step, is_open, finish, capacities, grow)
     if num_hypotheses is None:
         return seqs_BxNxT[:, 0], scores_BxN[:, 0]
     return seqs_BxNxT, scores_BxN
