@@ -84,6 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.decode.max_length = 96  # Static decode buffer length.
 
     config.mesh = ml_collections.ConfigDict()
-    config.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # 'expert' places mixture-of-experts weights (model.moe_num_experts; docs/scaling.md).
+    config.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
     config.mesh.logical_axis_rules = None  # None = sharding.DEFAULT_RULES.
     return config

@@ -111,7 +111,7 @@ def test_default_config_compiles_for_v5e_4() -> None:
     from configs import default
 
     report = aot.run(default.get_config(), "v5e-4")
-    assert report.num_chips == 4 and report.mesh == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert report.num_chips == 4 and report.mesh == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 1}
     assert report.flops_per_chip > 0 and report.bytes_per_chip > 0
     # XLA's count and the analytic 3x-forward count describe the same matmuls.
     assert 0.5 < report.flops_per_chip / report.model_flops_per_chip < 2.0
@@ -191,7 +191,7 @@ def test_beam_search_compiles_for_v5e_4() -> None:
     config = default.get_config()
     config.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}  # training's mesh; load() is dp
     report = aot.run_decode(config, "v5e-4", batch_size=16)
-    assert report.num_chips == 4 and report.mesh == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert report.num_chips == 4 and report.mesh == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 1}
     assert (report.sentences, report.src_len, report.beam_size) == (16, 64, 4)
     assert report.max_length == 96  # config.decode.max_length caps 64 + 50
     assert 0 < report.temp_gib < report.peak_gib < report.capacity_gib == 16.0 and report.fits

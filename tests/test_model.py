@@ -47,6 +47,10 @@ VARIANTS = {
     "rope_gqa": {"position_encoding": "rope", "num_kv_heads": 2},
     "alibi_window": {"position_encoding": "alibi", "attention_window": 3},
     "none_window_scan": {"position_encoding": "none", "attention_window": 4, "scan_layers": True},
+    # Mixture of experts (docs/model.md): every encoder layer, the second decoder layer, top-2.
+    # An evaluation capacity of E / k slots per token drops nothing, so rows may be padded,
+    # packed or decoded a token at a time without changing which expert serves what.
+    "moe_top2": {"moe_num_experts": 4, "moe_encoder_every": 1, "moe_eval_capacity_factor": 2.0},
 }
 
 
@@ -155,7 +159,7 @@ def test_appending_padding_changes_nothing(variant: str) -> None:
 
 @pytest.mark.parametrize(
     "variant",
-    ["paper", "pre_rms", "gqa_untied", "rope_gqa", "alibi_window", "none_window_scan"],
+    ["paper", "pre_rms", "gqa_untied", "rope_gqa", "alibi_window", "none_window_scan", "moe_top2"],
 )
 def test_packed_row_equals_each_sequence_alone(variant: str) -> None:
     config = SMALL.replace(**VARIANTS[variant])

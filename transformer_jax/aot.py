@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 from transformer_jax import experiment, sharding
 from transformer_jax.config import ModelConfig
 from transformer_jax.data import pipeline
+from transformer_jax.model import moe
 from transformer_jax.training import metrics
 from transformer_jax.training.program import build
 from transformer_jax.workdir import Workdir, first_line
@@ -83,6 +84,7 @@ class Report:
     src_len: int
     tgt_len: int
     num_params: int
+    active_params: int  # per token: a mixture of experts' unchosen experts left out
     argument_gib: float
     output_gib: float
     alias_gib: float
@@ -357,6 +359,7 @@ def _report(
         src_len=src_len,
         tgt_len=tgt_len,
         num_params=int(num_params),
+        active_params=moe.active_parameters(model_config, state.params),
         argument_gib=arg / GIB,
         output_gib=out / GIB,
         alias_gib=alias / GIB,
@@ -397,7 +400,8 @@ def format_report(report: Report) -> str:
     lines = [
         f"topology      {r.topology} = {r.jax_topology}: {r.num_chips} chips, mesh {r.mesh}",
         f"batch         {r.rows} rows x ({r.src_len} src + {r.tgt_len} tgt) tokens; "
-        f"{r.num_params:,} parameters",
+        f"{r.num_params:,} parameters"
+        + (f" ({r.active_params:,} active per token)" if r.active_params != r.num_params else ""),
         f"HBM per chip  {r.peak_gib:.2f} GiB of {r.capacity_gib:g} GiB "
         f"({100 * r.peak_gib / r.capacity_gib:.0f}%): arguments {r.argument_gib:.2f} + outputs "
         f"{r.output_gib:.2f} - aliased {r.alias_gib:.2f} + temporaries {r.temp_gib:.2f} "

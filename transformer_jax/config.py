@@ -30,6 +30,10 @@ PositionEncoding = Literal["sinusoidal", "learned", "rope", "alibi", "none"]
 FeedForwardType = Literal["relu", "gelu", "swish", "swiglu"]
 EmbeddingSharing = Literal["all", "target", "none"]
 AttentionImpl = Literal["einsum", "dot_product", "splash"]
+# How routed tokens reach their experts (model/moe.py): "einsum" dispatches into fixed-capacity
+# expert buffers (GShard; shards over the expert mesh axis), "ragged" sorts them by expert and
+# runs grouped matmuls (jax.lax.ragged_dot; dropless).
+MoEDispatch = Literal["einsum", "ragged"]
 PresetName = Literal["tiny", "base", "big"]
 Remat = Literal["none", "full", "dots"]
 
@@ -65,6 +69,27 @@ class ModelConfig:
     # an encoder position those within W - 1 either side; None: the whole row.
     attention_window: int | None = None
     feed_forward: FeedForwardType = "relu"
+    # Mixture of experts (model/moe.py, docs/model.md). 0: the dense FFN in every layer.
+    # Otherwise every moe_encoder_every-th encoder layer and moe_decoder_every-th decoder layer,
+    # counting from 1 (fairseq's moe-freq; 0: none in that stack), sends each token to the
+    # moe_experts_per_token of moe_num_experts expert FFNs its float32 router scores highest.
+    moe_num_experts: int = 0
+    moe_experts_per_token: int = 2
+    moe_encoder_every: int = 2
+    moe_decoder_every: int = 2
+    # Slots per expert and row: ceil(k x row length x factor / experts), at most the row
+    # length; a choice past them is dropped (the token keeps its residual), and counted.
+    # Training uses moe_capacity_factor, evaluation and decoding moe_eval_capacity_factor.
+    moe_capacity_factor: float = 1.25
+    moe_eval_capacity_factor: float = 2.0
+    # The experts' own FFN width and activation; None: d_ff and feed_forward.
+    moe_d_ff: int | None = None
+    moe_feed_forward: FeedForwardType | None = None
+    # Auxiliary loss coefficients: Switch's load balancing (1e-2) and ST-MoE's router z-loss
+    # (1e-3), summed over MoE layers into the training loss.
+    moe_load_balance_loss: float = 1e-2
+    moe_router_z_loss: float = 1e-3
+    moe_dispatch: MoEDispatch = "einsum"
     # Biases on attention and FFN projections (the paper's count includes them).
     use_bias: bool = True
     # A bias on the pre-softmax projection (Marian's final_logits_bias; not in the paper).
@@ -159,6 +184,68 @@ class ModelConfig:
                 "the kernel's lanes are 128 wide and shorter rows take halved blocks",
             )
         _require(self.param_dtype != "float16", "param_dtype", "float16 parameters are unsupported")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        _require(self.moe_num_experts >= 0, "moe_num_experts", "must be >= 0 (0: dense FFN)")
+        if not self.moe_num_experts:
+            return
+        k, experts = self.moe_experts_per_token, self.moe_num_experts
+        _require(
+            1 <= k <= experts,
+            "moe_experts_per_token",
+            f"{k} experts per token needs 1 <= k <= moe_num_experts={experts}",
+        )
+        for name in ("moe_encoder_every", "moe_decoder_every"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0 (0: no MoE layer there)")
+        for name in ("moe_capacity_factor", "moe_eval_capacity_factor"):
+            value = getattr(self, name)
+            _require(value > 0, name, f"must be > 0, got {value} (it sizes the expert buffers)")
+        for name in ("moe_load_balance_loss", "moe_router_z_loss"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0")
+        if self.moe_d_ff is not None:
+            _require(self.moe_d_ff > 0, "moe_d_ff", "must be a positive integer (or None)")
+        if self.moe_feed_forward is not None:
+            allowed = get_args(FeedForwardType)
+            _require(
+                self.moe_feed_forward in allowed,
+                "moe_feed_forward",
+                f"{self.moe_feed_forward!r} is not one of {list(allowed)} (or None)",
+            )
+        _require(
+            bool(self.moe_layers("encoder") or self.moe_layers("decoder")),
+            "moe_num_experts",
+            f"{experts} experts but no layer uses them: moe_encoder_every="
+            f"{self.moe_encoder_every} and moe_decoder_every={self.moe_decoder_every} select none",
+        )
+        if self.scan_layers:
+            # nn.scan repeats one layer body, so the stack must be all MoE or all dense.
+            for stack in ("encoder", "decoder"):
+                every = getattr(self, f"moe_{stack}_every")
+                _require(
+                    every in (0, 1),
+                    "scan_layers",
+                    f"scans one layer body, so moe_{stack}_every={every} cannot alternate dense "
+                    "and MoE layers; use 1 (every layer) or 0, or scan_layers=False",
+                )
+
+    def moe_layers(self, stack: Literal["encoder", "decoder"]) -> tuple[int, ...]:
+        """0-based indices of the MoE layers in one stack (layer i when (i + 1) % every == 0)."""
+        every = getattr(self, f"moe_{stack}_every")
+        count = getattr(self, f"num_{stack}_layers")
+        if not self.moe_num_experts or not every:
+            return ()
+        return tuple(i for i in range(count) if (i + 1) % every == 0)
+
+    @property
+    def expert_d_ff(self) -> int:
+        """The experts' hidden width (moe_d_ff, else d_ff)."""
+        return self.moe_d_ff or self.d_ff
+
+    @property
+    def expert_feed_forward(self) -> str:
+        """The experts' activation (moe_feed_forward, else feed_forward)."""
+        return self.moe_feed_forward or self.feed_forward
 
     @property
     def head_dim(self) -> int:

@@ -27,7 +27,7 @@ Pair = tuple[str, str]
 def model_section(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
     """A config's `model` section: every ModelConfig field, from a preset (the one source).
 
-    A field that is None (num_kv_heads, attention_window, splash_block_size) becomes a typed
+    A field that is None (num_kv_heads, attention_window, moe_feed_forward, ...) becomes a typed
     placeholder, so `--config.model.attention_window=16` overrides it from the command line
     (ml_collections cannot infer a type from None and would refuse the flag).
     """
@@ -36,6 +36,8 @@ def model_section(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
     for name, value in ModelConfig.preset(preset, **overrides).to_dict().items():
         if value is None:
             kinds = [t for t in typing.get_args(hints[name]) if t is not type(None)]
+            # A Literal of names (moe_feed_forward) is a str on the command line.
+            kinds = [str if typing.get_origin(t) is typing.Literal else t for t in kinds]
             value = config_dict.placeholder(kinds[0]) if len(kinds) == 1 else None
         values[name] = value
     return ml_collections.ConfigDict(values)
@@ -180,19 +182,29 @@ def validate(
     for ok, field, message in checks:
         if not ok:
             raise ValueError(f"config.{field}: {message} (got {_lookup(config, field)!r})")
+    try:
+        sharding.check_experts_divide(model.moe_num_experts, dict(config.mesh.shape))
+    except ValueError as e:
+        raise ValueError(f"config.{e}") from e
     if devices is not None:
-        _check_devices(config, devices)
+        _check_devices(config, model, devices)
     return model
 
 
-def _check_devices(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> None:
+def _check_devices(
+    config: ml_collections.ConfigDict, model: ModelConfig, devices: Sequence[jax.Device]
+) -> None:
     local = len(devices) // len({d.process_index for d in devices})
     if config.data.eval_batch_size % local:
         raise ValueError(
             f"config.data.eval_batch_size={config.data.eval_batch_size} must be a multiple of "
             f"the {local} devices per process (rows are split across them)"
         )
-    sharding.resolve_mesh_shape(dict(config.mesh.shape), len(devices))
+    sizes = sharding.resolve_mesh_shape(dict(config.mesh.shape), len(devices))
+    try:
+        sharding.check_experts_divide(model.moe_num_experts, sizes)  # -1 resolved
+    except ValueError as e:
+        raise ValueError(f"config.{e}") from e
     sharding.rules_from_config(config.mesh.logical_axis_rules)
 
 

@@ -12,16 +12,26 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# 'expert' holds mixture-of-experts weights (model/moe.py); it splits batch rows like 'data'
+# everywhere else, and the dispatch moves each token to its experts' devices (all-to-all).
+# 'tensor' stays innermost: its groups share rows and must stay within one host.
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 # Auto (GSPMD) axes: XLA propagates shardings from the logical constraints; explicit-axis
 # "sharding in types" would demand out_sharding on every gather (the embedding lookup).
 AUTO_AXES = (AxisType.Auto,) * len(MESH_AXES)
 LogicalRules = tuple[tuple[str, Any], ...]
 
-# Data parallel over data x fsdp; FSDP shards each weight's embed axis; tensor parallel splits
-# heads, mlp and vocab (Megatron style), so block-boundary activations stay whole on 'tensor'.
+# Data parallel over data x fsdp x expert; FSDP shards each weight's embed axis; tensor parallel
+# splits heads, mlp and vocab (Megatron style), so block-boundary activations stay whole on
+# 'tensor'; expert parallel places each expert's weights (and the tokens routed to it) on
+# one slice of 'expert' (GShard).
+ROW_AXES = ("data", "fsdp", "expert")
 DEFAULT_RULES: LogicalRules = (
-    ("activation_batch", ("data", "fsdp")),
+    ("activation_batch", ROW_AXES),
+    # Dispatched tokens [experts, rows, capacity, embed]: experts over 'expert', rows over the
+    # rest; the change from activation_batch is the all-to-all.
+    ("activation_exp", "expert"),
+    ("activation_batch_no_exp", ("data", "fsdp")),
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_mlp", "tensor"),
@@ -33,6 +43,7 @@ DEFAULT_RULES: LogicalRules = (
     ("heads", "tensor"),
     ("kv", None),
     ("layers", None),
+    ("expert", "expert"),
 )
 
 
@@ -66,8 +77,19 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, 
     return sizes
 
 
+def check_experts_divide(num_experts: int, sizes: Mapping[str, int]) -> None:
+    """Refuse an 'expert' axis that does not split the experts into equal whole shares."""
+    expert = sizes.get("expert", 1)
+    if num_experts and expert > 0 and num_experts % expert:
+        raise ValueError(
+            f"mesh.shape.expert={expert} does not divide model.moe_num_experts={num_experts}: "
+            "each slice of 'expert' holds the same number of whole experts; choose a divisor "
+            f"of {num_experts}"
+        )
+
+
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh over the given (default: all) devices."""
+    """A ('data', 'fsdp', 'expert', 'tensor') mesh over the given (default: all) devices."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = resolve_mesh_shape(shape, len(devices))
     dims = tuple(sizes[a] for a in MESH_AXES)
@@ -143,13 +165,13 @@ def check_rows_stay_on_one_process(process_ids_DxFxT: np.ndarray) -> None:
 
 
 def check_mesh_feeds_consistent_rows(mesh: Mesh) -> None:
-    """check_rows_stay_on_one_process for a ('data', 'fsdp', 'tensor') mesh."""
+    """check_rows_stay_on_one_process for a mesh of MESH_AXES."""
     check_rows_stay_on_one_process(_process_ids(mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows split over data x fsdp; everything else replicated."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    """Rows split over data x fsdp x expert; everything else replicated."""
+    return NamedSharding(mesh, PartitionSpec(ROW_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -23,7 +23,24 @@ TRAINING_ONLY = frozenset(
         "attention_impl",
         "splash_block_size",
         "remat",
+        "moe_capacity_factor",
+        "moe_eval_capacity_factor",
+        "moe_load_balance_loss",
+        "moe_router_z_loss",
+        "moe_dispatch",
     }
+)
+
+# Mixture-of-experts knobs read only when moe_num_experts > 0, which every exporter refuses
+# through moe_num_experts itself (neither format has an encoder-decoder MoE); dense models
+# export whatever these hold. The training-only ones (capacity, loss coefficients, dispatch)
+# are in TRAINING_ONLY as well.
+MOE_KNOBS = (
+    "moe_experts_per_token",
+    "moe_encoder_every",
+    "moe_decoder_every",
+    "moe_d_ff",
+    "moe_feed_forward",
 )
 
 # A field's rule: (does the format express this config's value, why not when it does not).
@@ -38,6 +55,13 @@ def any_value() -> Rule:
 def one_of(field: str, values: set[object], tool: str) -> Rule:
     """The rule of a field whose value must be one of `values`."""
     return (lambda config: getattr(config, field) in values), f"{tool} takes {_listed(values)}"
+
+
+def dense_ffn(tool: str) -> Rule:
+    """The rule of moe_num_experts: the format has a dense FFN only."""
+    return (lambda config: config.moe_num_experts == 0), (
+        f"{tool} has no mixture-of-experts layers in an encoder-decoder; moe_num_experts must be 0"
+    )
 
 
 def unsupported(config: ModelConfig, rules: Mapping[str, Rule], tool: str) -> list[str]:

@@ -523,8 +523,10 @@ _MARIAN_RULES: dict[str, fields.Rule] = {
             "logits_bias",  # final_logits_bias
             "scan_layers",  # parameters are unstacked first
             "rope_theta",  # read only by position_encoding="rope", which is refused below
+            *fields.MOE_KNOBS,
         )
     },
+    "moe_num_experts": fields.dense_ffn("MarianMTModel"),
     "attention_window": (
         lambda c: c.attention_window is None,
         "MarianMTModel has no sliding-window attention",

@@ -22,6 +22,24 @@ Array = jax.Array
 ACT_BLD = ("activation_batch", "activation_length", "activation_embed")
 ACT_BLF = ("activation_batch", "activation_length", "activation_mlp")
 
+# Collections a layer reports into with Module.sow while training: losses the training step
+# adds to its loss, and counts it sums for the logs. reported_sums() totals each name.
+AUX_LOSS = "aux_loss"
+COUNTS = "counts"
+REPORTED = (AUX_LOSS, COUNTS)
+
+
+def reported_sums(collection: Any) -> dict[str, Array]:
+    """Each name sown into one collection, summed over the layers that sowed it."""
+    totals: dict[str, Array] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(collection)[0]:
+        keys = [str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey)]
+        # run_layers names an nn.scan stack "layers": its values carry a leading layer axis.
+        value = jnp.sum(leaf, axis=0) if "layers" in keys[:-1] else leaf
+        name = keys[-1]
+        totals[name] = totals[name] + value if name in totals else value
+    return totals
+
 
 def dtype_of(name: str) -> Any:
     """The jnp dtype for a config dtype name."""
@@ -147,8 +165,14 @@ class FeedForward(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: Array, *, deterministic: bool) -> Array:
-        """Apply the two projections with the activation between them."""
+    def __call__(
+        self, x_BxLxD: Array, valid_BxL: Array | None = None, *, deterministic: bool
+    ) -> Array:
+        """Apply the two projections with the activation between them.
+
+        valid_BxL is the mixture-of-experts layer's (which routes real tokens only); every
+        position goes through the dense FFN.
+        """
         cfg = self.config
         common: dict[str, Any] = {
             "use_bias": cfg.use_bias,

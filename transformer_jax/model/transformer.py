@@ -14,6 +14,7 @@ from transformer_jax.model.attention import MultiHeadAttention
 from transformer_jax.model.cache import DecoderSteps, StepMask
 from transformer_jax.model.layers import (
     ACT_BLD,
+    REPORTED,
     Embed,
     FeedForward,
     Norm,
@@ -21,6 +22,7 @@ from transformer_jax.model.layers import (
     dtype_of,
 )
 from transformer_jax.model.masks import AttentionMask
+from transformer_jax.model.moe import MoEFeedForward
 
 Array = jax.Array
 
@@ -48,6 +50,13 @@ class ResidualBlock(nn.Module):
         return nn.with_logical_constraint(out_BxLxD, ACT_BLD)
 
 
+def feed_forward(config: ModelConfig, moe: bool) -> nn.Module:
+    """The layer's FFN: the dense one, or experts (named 'moe') where config puts them."""
+    if moe:
+        return MoEFeedForward(config, name="moe")
+    return FeedForward(config, name="ffn")
+
+
 class EncoderLayer(nn.Module):
     """Self-attention then the feed-forward network, each in a residual block.
 
@@ -56,6 +65,7 @@ class EncoderLayer(nn.Module):
 
     config: ModelConfig
     deterministic: bool = True
+    moe: bool = False  # a mixture of experts in place of the dense FFN
 
     @nn.compact
     def __call__(
@@ -65,7 +75,7 @@ class EncoderLayer(nn.Module):
         cfg = self.config
         deterministic = self.deterministic
         attention = MultiHeadAttention(cfg, name="self_attention")
-        ffn = FeedForward(cfg, name="ffn")
+        ffn = feed_forward(cfg, self.moe)
         x_BxSxD = ResidualBlock(cfg, name="attention_block")(
             x_BxSxD,
             lambda h: attention(
@@ -74,7 +84,9 @@ class EncoderLayer(nn.Module):
             deterministic=deterministic,
         )
         out_BxSxD = ResidualBlock(cfg, name="ffn_block")(
-            x_BxSxD, lambda h: ffn(h, deterministic=deterministic), deterministic=deterministic
+            x_BxSxD,
+            lambda h: ffn(h, mask.q_valid, deterministic=deterministic),
+            deterministic=deterministic,
         )
         return out_BxSxD, None
 
@@ -88,6 +100,7 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
     deterministic: bool = True
     decode: bool = False
+    moe: bool = False  # a mixture of experts in place of the dense FFN
 
     @nn.compact
     def __call__(
@@ -103,7 +116,7 @@ class DecoderLayer(nn.Module):
         deterministic, decode = self.deterministic, self.decode
         self_attention = MultiHeadAttention(cfg, name="self_attention")
         cross_attention = MultiHeadAttention(cfg, is_cross_attention=True, name="cross_attention")
-        ffn = FeedForward(cfg, name="ffn")
+        ffn = feed_forward(cfg, self.moe)
         # Rows per source (beams), read from the shapes: nn.scan passes no Python ints.
         copies = y_BxTxD.shape[0] // encoded_BxSxD.shape[0]
         y_BxTxD = ResidualBlock(cfg, name="self_attention_block")(
@@ -131,8 +144,12 @@ class DecoderLayer(nn.Module):
             ),
             deterministic=deterministic,
         )
+        # Real target tokens (a decoding step's one token per row is always routed).
+        valid_BxT = self_mask.q_valid if isinstance(self_mask, AttentionMask) else None
         out_BxTxD = ResidualBlock(cfg, name="ffn_block")(
-            y_BxTxD, lambda h: ffn(h, deterministic=deterministic), deterministic=deterministic
+            y_BxTxD,
+            lambda h: ffn(h, valid_BxT, deterministic=deterministic),
+            deterministic=deterministic,
         )
         return out_BxTxD, None
 
@@ -148,6 +165,7 @@ def run_layers(
     layer_cls: type[nn.Module],
     config: ModelConfig,
     num_layers: int,
+    moe_layers: tuple[int, ...],
     carry: Array,
     *args: Any,
     **attributes: Any,
@@ -156,6 +174,8 @@ def run_layers(
 
     Scanned parameters gain a leading 'layers' axis (logical name "layers"), and compile time
     stops growing with depth. Remat trades recomputation in the backward pass for memory.
+    Layers whose index is in moe_layers get experts (scanning needs all or none of them:
+    ModelConfig refuses the rest).
     """
     cls = layer_cls
     if config.remat != "none":
@@ -164,16 +184,23 @@ def run_layers(
     if config.scan_layers:
         scanned = nn.scan(
             cls,
-            variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+            variable_axes={
+                "params": 0,
+                "cache": 0,
+                "intermediates": 0,
+                **{name: 0 for name in REPORTED},
+            },
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,) * len(args),
             length=num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        carry, _ = scanned(config, name="layers", **attributes)(carry, *args)
+        moe = bool(moe_layers)
+        carry, _ = scanned(config, name="layers", moe=moe, **attributes)(carry, *args)
         return carry
     for i in range(num_layers):
-        carry, _ = cls(config, name=f"layer_{i}", **attributes)(carry, *args)
+        layer = cls(config, name=f"layer_{i}", moe=i in moe_layers, **attributes)
+        carry, _ = layer(carry, *args)
     return carry
 
 
@@ -228,6 +255,7 @@ class Encoder(nn.Module):
             EncoderLayer,
             cfg,
             cfg.num_encoder_layers,
+            cfg.moe_layers("encoder"),
             x_BxSxD,
             mask,
             src_positions_BxS,
@@ -311,6 +339,7 @@ class Decoder(nn.Module):
             DecoderLayer,
             cfg,
             cfg.num_decoder_layers,
+            cfg.moe_layers("decoder"),
             y_BxTxD,
             encoded_BxSxD,
             self_mask,

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from transformer_jax import evaluation, experiment, sharding
 from transformer_jax.data import pipeline
 from transformer_jax.inference.engine import DecodeSettings, JaxEngine
+from transformer_jax.model import moe
 from transformer_jax.state import TrainState
 from transformer_jax.training import inputs, loss, metrics
 from transformer_jax.training.guard import FiniteGuard, NonFiniteError
@@ -326,9 +327,12 @@ def _keep_best(run: _Run, params: Any, step: int, scores: dict[str, Any]) -> Non
 
 def _log_start(run: _Run, state: TrainState, start: int) -> None:
     config = run.config
+    total = sum(x.size for x in jax.tree.leaves(state.params))
+    active = moe.active_parameters(run.program.model_config, state.params)
     log.info(
-        "Model: %s parameters; mesh %s; %d rows x (%d src + %d tgt) per step; %s",
-        f"{sum(x.size for x in jax.tree.leaves(state.params)):,}",
+        "Model: %s parameters%s; mesh %s; %d rows x (%d src + %d tgt) per step; %s",
+        f"{total:,}",
+        f" ({active:,} active per token)" if active != total else "",
         dict(run.program.mesh.shape),
         run.data.rows_per_host * jax.process_count(),
         config.data.max_source_length,

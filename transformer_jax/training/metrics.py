@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer_jax.config import ModelConfig
+from transformer_jax.model import moe
 from transformer_jax.training import loss
+from transformer_jax.training.step import AUX_LOSS_PREFIX, COUNT_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +52,22 @@ def forward_flops(config: ModelConfig, rows: int, src_len: int, tgt_len: int) ->
     d, f, v, k = config.d_model, config.d_ff, config.vocab_size, config.head_dim
     h, g = config.num_heads, config.kv_heads
     ffn = 2 * d * f * (3 if config.feed_forward == "swiglu" else 2)
+    # A mixture-of-experts layer: the router, and k experts' FFNs per token (the active
+    # parameters; the einsum dispatch's one-hot products and empty capacity slots not counted).
+    expert = 2 * d * config.expert_d_ff * (3 if config.expert_feed_forward == "swiglu" else 2)
+    moe_ffn = 2 * d * config.moe_num_experts + config.moe_experts_per_token * expert
+
+    def ffns(stack: str, layers: int) -> int:
+        moe_layers = len(config.moe_layers(stack))  # type: ignore[arg-type]
+        return (layers - moe_layers) * ffn + moe_layers * moe_ffn
+
     qo, kv = 2 * 2 * d * h * k, 2 * 2 * d * g * k
-    per_src = config.num_encoder_layers * (qo + kv + ffn + 2 * 2 * h * k * src_len)
-    per_tgt = config.num_decoder_layers * (
-        qo + kv + ffn + 2 * 2 * h * k * tgt_len + qo + 2 * 2 * h * k * src_len
+    per_src = config.num_encoder_layers * (qo + kv + 2 * 2 * h * k * src_len) + ffns(
+        "encoder", config.num_encoder_layers
     )
+    per_tgt = config.num_decoder_layers * (
+        qo + kv + 2 * 2 * h * k * tgt_len + qo + 2 * 2 * h * k * src_len
+    ) + ffns("decoder", config.num_decoder_layers)
     cross_kv = config.num_decoder_layers * kv * src_len
     logits = 2 * d * v
     return float(rows * (src_len * per_src + tgt_len * (per_tgt + logits) + cross_kv))
@@ -88,6 +101,16 @@ def interval_summary(
         k: float(v) for k, v in loss.summarize({k: jnp.asarray(v) for k, v in sums.items()}).items()
     }
     summary["grad_norm"] = float(np.mean([m["grad_norm"] for m in host]))
+    # What layers report: auxiliary losses as the interval's mean, counts summed.
+    for name in host[0]:
+        if name.startswith(AUX_LOSS_PREFIX):
+            summary[name] = float(np.mean([m[name] for m in host]))
+    counts = {
+        name.removeprefix(COUNT_PREFIX): np.sum([np.asarray(m[name]) for m in host], axis=0)
+        for name in host[0]
+        if name.startswith(COUNT_PREFIX)
+    }
+    summary.update(moe.routing_summary(counts))
     summary["learning_rate"] = float(host[-1]["learning_rate"])
     summary["target_tokens"] = sums["num_tokens"]
     summary["skipped_steps"] = float(skipped)
@@ -114,7 +137,8 @@ def host_rss_bytes() -> int | None:
 
 def format_values(values: dict[str, float]) -> str:
     """name=value pairs for a log line."""
-    return ", ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "target_tokens")
+    shown = {k: v for k, v in values.items() if k != "target_tokens" and "/load/" not in k}
+    return ", ".join(f"{k}={v:.4g}" for k, v in shown.items())
 
 
 class MetricWriter:

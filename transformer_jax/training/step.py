@@ -15,12 +15,18 @@ from jax.sharding import Mesh
 from transformer_jax import sharding
 from transformer_jax.config import PAD_ID
 from transformer_jax.model import Transformer
+from transformer_jax.model.layers import AUX_LOSS, COUNTS, REPORTED, reported_sums
 from transformer_jax.state import TrainState
 from transformer_jax.training.loss import loss_sums
 
 Array = jax.Array
 Batch = dict[str, Array]
 Metrics = dict[str, Array]
+
+# Metric name prefixes of what layers report (model/layers.py REPORTED): each auxiliary loss
+# (already weighted; the step's mean over micro-batches) and each count (summed).
+AUX_LOSS_PREFIX = "aux_loss/"
+COUNT_PREFIX = "counts/"
 
 
 def model_inputs(batch: Batch) -> dict[str, Any]:
@@ -53,6 +59,24 @@ def forward(
     return cast(Array, logits)
 
 
+def forward_reporting(
+    model: Transformer, params: Any, batch: Batch, rng: Array
+) -> tuple[Array, Metrics]:
+    """Training-mode logits and what the layers reported, as prefixed metric names."""
+    logits, reported = model.apply(
+        {"params": params},
+        **model_inputs(batch),
+        deterministic=False,
+        rngs={"dropout": rng},
+        mutable=list(REPORTED),
+    )  # type: ignore[misc]
+    found = {
+        **{AUX_LOSS_PREFIX + k: v for k, v in reported_sums(reported.get(AUX_LOSS, {})).items()},
+        **{COUNT_PREFIX + k: v for k, v in reported_sums(reported.get(COUNTS, {})).items()},
+    }
+    return cast(Array, logits), found
+
+
 def make_train_step(
     model: Transformer,
     optimizer: optax.GradientTransformation,
@@ -73,14 +97,21 @@ def make_train_step(
     all finite (a finite gradient can still give a NaN update: Adam with eps 0 divides 0 by 0).
     With skip_nonfinite such a step leaves parameters and optimizer state as they were (the
     step count still advances, so the data and dropout keys move on), as fairseq skips them.
+
+    Auxiliary losses the layers report (a mixture of experts' balancing losses) are added to
+    the loss as they come, averaged over micro-batches, and returned as "aux_loss/NAME"
+    metrics; counts they report are summed into "counts/NAME".
     """
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
 
     def loss_fn(params: Any, batch: Batch, rng: Array, scale: Array) -> tuple[Array, Metrics]:
-        logits = forward(model, params, batch, deterministic=False, rngs={"dropout": rng})
+        logits, reported = forward_reporting(model, params, batch, rng)
         sums = loss_sums(logits, batch["targets"], label_smoothing)
-        return sums["loss_sum"] * scale, sums
+        aux = [v for k, v in reported.items() if k.startswith(AUX_LOSS_PREFIX)]
+        # Each micro-batch's auxiliary losses are means already: 1 / k of each gives the mean.
+        total = sums["loss_sum"] * scale + sum(aux, jnp.zeros(())) / grad_accum_steps
+        return total, {**sums, **reported}
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
@@ -105,12 +136,15 @@ def make_train_step(
                 g, s = grad_fn(state.params, micro_batch, jax.random.fold_in(step_rng, i), scale)
                 return jax.tree.map(jnp.add, carry, (g, s)), None
 
-            zeros = (
-                jax.tree.map(jnp.zeros_like, state.params),
-                {"loss_sum": 0.0, "nll_sum": 0.0, "num_tokens": 0.0},
-            )
-            zeros = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zeros)
+            first = jax.tree.map(lambda x: x[0], micro)
+            # The metrics' names and shapes (whatever the layers report) from a shape-only trace.
+            shapes = jax.eval_shape(grad_fn, state.params, first, step_rng, scale)
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), shapes)
             (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(k)))
+            sums = {
+                name: value / k if name.startswith(AUX_LOSS_PREFIX) else value
+                for name, value in sums.items()
+            }
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
