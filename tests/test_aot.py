@@ -123,6 +123,35 @@ def test_default_config_compiles_for_v5e_4() -> None:
 
 @needs_libtpu
 @pytest.mark.slow
+def test_moe_config_compiles_for_v5p_8_with_experts_sharded() -> None:
+    """configs/default_moe.py (8 experts) on v5p-8's 4 chips with expert=4: 2 experts a chip."""
+    import jax
+
+    from configs import default_moe
+
+    config = default_moe.get_config()
+    config.mesh.shape.data = -1
+    config.mesh.shape.expert = 4
+    topology, devices = aot._devices_for("v5p-8")
+    compiled, report = aot.compile_train_step(config, topology, devices)
+    assert report.mesh == {"data": 1, "fsdp": 1, "expert": 4, "tensor": 1}
+    assert report.num_params > report.active_params > 0
+    assert 0 < report.peak_gib < report.capacity_gib and report.fits
+    assert "active per token" in aot.format_report(report)
+    state_shardings = compiled.input_shardings[0][0]
+    experts = [
+        (path, s)
+        for path, s in jax.tree_util.tree_flatten_with_path(state_shardings.params)[0]
+        if "moe" in str(path) and str(path).endswith("'wi']")
+    ]
+    assert len(experts) == 2  # one MoE layer in each stack
+    for path, leaf_sharding in experts:
+        assert leaf_sharding.spec[0] == "expert", (path, leaf_sharding.spec)
+        assert leaf_sharding.shard_shape((8, 128, 256))[0] == 2
+
+
+@needs_libtpu
+@pytest.mark.slow
 def test_cli_exits_nonzero_when_it_does_not_fit() -> None:
     # ~50M target tokens per step: the logits alone are tens of GiB per v5e chip.
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}

@@ -20,7 +20,7 @@ from test_model import SMALL
 from test_training import run_with_devices
 
 from transformer_jax import experiment
-from transformer_jax.config import PAD_ID, ModelConfig
+from transformer_jax.config import BOS_ID, PAD_ID, ModelConfig
 from transformer_jax.interop import ctranslate2 as ct2_format
 from transformer_jax.interop import huggingface
 from transformer_jax.model import Transformer
@@ -90,26 +90,30 @@ def test_the_layer_equals_a_per_token_loop_without_a_capacity_limit(overrides: d
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-4, atol=1e-4)
 
 
-def _documented_drops(expert_BxLxK: np.ndarray, valid_BxL: np.ndarray, slots: int) -> np.ndarray:
-    """The docstring's rule: first choices in row order, then second choices; full = dropped."""
+def _documented_drops(
+    expert_BxLxK: np.ndarray, valid_BxL: np.ndarray, slots: int, causal: bool
+) -> np.ndarray:
+    """The docstring's rule: first choices in row order, then second choices (encoder), or
+    token by token (decoder); a choice whose expert is full is dropped."""
     batch, length, k = expert_BxLxK.shape
     kept = np.zeros(expert_BxLxK.shape, bool)
+    order = [(r, t) for t in range(length) for r in range(k)] if causal else None
+    order = order or [(r, t) for r in range(k) for t in range(length)]
     for b in range(batch):
         used: dict[int, int] = {}
-        for rank in range(k):
-            for t in range(length):
-                if not valid_BxL[b, t]:
-                    continue
-                e = int(expert_BxLxK[b, t, rank])
-                if used.get(e, 0) < slots:
-                    kept[b, t, rank] = True
-                    used[e] = used.get(e, 0) + 1
+        for rank, t in order:
+            e = int(expert_BxLxK[b, t, rank])
+            if valid_BxL[b, t] and used.get(e, 0) < slots:
+                kept[b, t, rank] = True
+                used[e] = used.get(e, 0) + 1
     return kept
 
 
-def test_a_capacity_limit_drops_exactly_the_documented_choices() -> None:
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "decoder"])
+def test_a_capacity_limit_drops_exactly_the_documented_choices(causal: bool) -> None:
     rng = np.random.default_rng(1)
     layer, params, x = _layer(rng, 3, 12, moe_experts_per_token=2, moe_eval_capacity_factor=0.5)
+    layer = layer.clone(causal=causal)
     valid = np.ones((3, 12), bool)
     valid[1, 9:] = False
     slots = capacity(12, 2, EXPERTS, 0.5)
@@ -117,8 +121,10 @@ def test_a_capacity_limit_drops_exactly_the_documented_choices() -> None:
     # Skew the router so that a few experts overflow.
     params["router"] = params["router"].at[:, 0].add(0.5)
     logits = np.asarray(x, np.float64) @ np.asarray(params["router"], np.float64)
-    routes, _, counts = route(jnp.asarray(logits, jnp.float32), jnp.asarray(valid), 2, slots)
-    expected = _documented_drops(np.asarray(routes.expert_BxLxK), valid, slots)
+    routes, _, counts = route(
+        jnp.asarray(logits, jnp.float32), jnp.asarray(valid), 2, slots, causal
+    )
+    expected = _documented_drops(np.asarray(routes.expert_BxLxK), valid, slots, causal)
     np.testing.assert_array_equal(np.asarray(routes.kept_BxLxK), expected)
     assert 0 < (~expected & valid[..., None]).sum() == float(counts["dropped"])
     assert float(counts["routed"]) == valid.sum() * 2
@@ -128,6 +134,39 @@ def test_a_capacity_limit_drops_exactly_the_documented_choices() -> None:
     np.testing.assert_allclose(np.asarray(y), reference, rtol=1e-4, atol=1e-4)
     # Padding is never routed: it gets 0 from the layer.
     assert np.abs(np.asarray(y)[1, 9:]).max() == 0.0
+
+
+def test_the_decoder_stays_causal_while_its_experts_drop_choices() -> None:
+    """Slots go token by token in the decoder: later targets cannot change earlier drops."""
+    config = SMALL.replace(
+        moe_num_experts=EXPERTS,
+        moe_encoder_every=0,
+        moe_decoder_every=1,
+        moe_eval_capacity_factor=0.25,
+    )
+    rng = np.random.default_rng(6)
+    src, tgt = rng.integers(4, 61, (2, 7)), rng.integers(4, 61, (2, 12))
+    model = Transformer(config)
+    params = nn.unbox(model.init(jax.random.key(0), src, tgt)["params"])
+    logits, reported = model.apply({"params": params}, src, tgt, mutable=[COUNTS])
+    assert float(reported_sums(reported[COUNTS])["moe_dropped"]) > 0
+    t = 5
+    changed = tgt.copy()
+    changed[:, t:] = rng.integers(4, 61, changed[:, t:].shape)
+    logits_changed = model.apply({"params": params}, src, changed)
+    np.testing.assert_allclose(logits[:, : t + 1], logits_changed[:, : t + 1], atol=1e-5)
+    # The rule is what keeps it so: under GShard's order (every first choice before any
+    # second one) new logits for the later tokens change which earlier choices are dropped.
+    logits_LxE = rng.normal(size=(1, 12, EXPERTS)).astype(np.float32)
+    later = logits_LxE.copy()
+    later[:, t:] = rng.normal(size=later[:, t:].shape) * 3
+    valid = jnp.ones((1, 12), bool)
+
+    def kept(x: np.ndarray, causal: bool) -> np.ndarray:
+        return np.asarray(route(jnp.asarray(x), valid, 2, 3, causal)[0].kept_BxLxK)[:, :t]
+
+    np.testing.assert_array_equal(kept(logits_LxE, True), kept(later, True))
+    assert (kept(logits_LxE, False) != kept(later, False)).any()
 
 
 def test_load_balancing_is_one_when_uniform_and_grows_when_routing_collapses() -> None:
@@ -400,3 +439,47 @@ def test_expert_parallel_steps_on_eight_devices_equal_the_single_device_step() -
     out = run_with_devices(EXPERT_MESH_SCRIPT, devices=8)
     assert "EXPERT-MESH-OK" in out
     assert "involuntary full rematerialization" not in out.lower(), out[-3000:]
+
+
+def test_greedy_beam_and_an_ensemble_decode_with_experts() -> None:
+    """Greedy output is the full forward pass's argmax on itself; beam 4 runs; an ensemble of an
+    MoE member (top-1, ragged) and an MoE member (top-2, einsum) steps as its members' mean."""
+    from conftest import step_by_step
+
+    from transformer_jax.inference.decode import beam_search, greedy_decode
+    from transformer_jax.model import Ensemble
+
+    configs = (
+        SMALL.replace(moe_num_experts=EXPERTS, moe_encoder_every=1, moe_eval_capacity_factor=2.0),
+        SMALL.replace(
+            moe_num_experts=EXPERTS,
+            moe_experts_per_token=1,
+            moe_decoder_every=1,
+            moe_dispatch="ragged",
+        ),
+    )
+    rng = np.random.default_rng(5)
+    src = rng.integers(4, 61, (3, 6)).astype(np.int32)
+    src[2, 3:] = PAD_ID
+    members = []
+    for config in configs:
+        model = Transformer(config)
+        members.append((model, nn.unbox(model.init(jax.random.key(0), src, src)["params"])))
+    model, params = members[0]
+    greedy = np.asarray(greedy_decode(model, params, jnp.asarray(src), max_length=12))
+    logits = np.array(model.apply({"params": params}, src, greedy))
+    # The decoders never emit PAD or BOS, and the last of max_length tokens is a forced EOS.
+    logits[..., [PAD_ID, BOS_ID]] = -np.inf
+    real = (greedy != PAD_ID)[:, :-1]
+    np.testing.assert_array_equal(logits[:, :-1].argmax(-1)[real], greedy[:, :-1][real])
+    tokens, scores = beam_search(model, params, jnp.asarray(src), beam_size=4, max_length=12)
+    assert np.asarray(tokens).shape[0] == 3 and np.isfinite(np.asarray(scores)).all()
+
+    tgt = rng.integers(4, 61, (3, 8)).astype(np.int32)
+    expected = np.mean(
+        [np.asarray(jax.nn.log_softmax(m.apply({"params": p}, src, tgt))) for m, p in members],
+        axis=0,
+    )
+    ensemble_params = {f"members_{i}": p for i, (_, p) in enumerate(members)}
+    steps = step_by_step(Ensemble(configs), ensemble_params, src, tgt, capacity=8)
+    np.testing.assert_allclose(steps, expected, atol=1e-4)

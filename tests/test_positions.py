@@ -210,13 +210,16 @@ def test_the_exports_refuse_what_they_cannot_carry() -> None:
 
 
 def test_a_run_stops_and_resumes_exactly(small_corpus, tmp_path) -> None:
-    """Through train_and_evaluate with rope and a window (the other schemes hold no state a
-    resume could lose: every scheme's parameters are ordinary checkpointed leaves)."""
+    """Through train_and_evaluate with rope, a window and a mixture of experts in the encoder
+    (one run for CI time: the other schemes hold no state a resume could lose, every scheme's
+    parameters are ordinary checkpointed leaves, and the experts' routing is a function of them)."""
     from transformer_jax.training.loop import train_and_evaluate
 
     config = tiny_train_config(small_corpus)
     config.model.position_encoding = "rope"
     config.model.attention_window = 8
+    config.model.moe_num_experts = 4
+    config.model.moe_encoder_every = 1
     config.data.test_split = ""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_and_evaluate(config, straight)

@@ -565,13 +565,16 @@ def test_cloud_workdir_stays_a_url_and_its_files_go_through_epath(
 def test_mesh_whose_tensor_groups_span_processes_is_refused() -> None:
     from transformer_jax import sharding
 
-    # Process index per device, laid out (data, fsdp, tensor).
-    sharding.check_rows_stay_on_one_process(np.array([0, 0, 1, 1]).reshape(2, 1, 2))
-    sharding.check_rows_stay_on_one_process(np.array([0, 0, 1, 1]).reshape(1, 2, 2))
-    sharding.check_rows_stay_on_one_process(np.zeros((1, 1, 8), int))
+    # Process index per device, laid out (data, fsdp, expert, tensor).
+    sharding.check_rows_stay_on_one_process(np.array([0, 0, 1, 1]).reshape(2, 1, 1, 2))
+    sharding.check_rows_stay_on_one_process(np.array([0, 0, 1, 1]).reshape(1, 2, 1, 2))
+    sharding.check_rows_stay_on_one_process(np.array([0, 0, 1, 1]).reshape(1, 1, 2, 2))
+    sharding.check_rows_stay_on_one_process(np.zeros((1, 1, 1, 8), int))
     with pytest.raises(ValueError, match=r"row block 0 .*processes \[0, 1\].*Keep 'tensor'"):
-        sharding.check_rows_stay_on_one_process(np.array([0, 0, 1, 1]).reshape(1, 1, 4))
+        sharding.check_rows_stay_on_one_process(np.array([0, 0, 1, 1]).reshape(1, 1, 1, 4))
     with pytest.raises(ValueError, match="row block 1"):
-        sharding.check_rows_stay_on_one_process(np.array([0, 0, 0, 1]).reshape(2, 1, 2))
+        sharding.check_rows_stay_on_one_process(np.array([0, 0, 0, 1]).reshape(2, 1, 1, 2))
+    with pytest.raises(ValueError, match=r"'expert': 2, 'tensor': 2}: .*row block 1"):
+        sharding.check_rows_stay_on_one_process(np.array([0, 0, 0, 1]).reshape(1, 1, 2, 2))
     # A real single-process mesh always passes.
     sharding.check_mesh_feeds_consistent_rows(sharding.make_mesh({"data": -1}))

@@ -203,8 +203,18 @@ class ModelConfig:
             _require(value > 0, name, f"must be > 0, got {value} (it sizes the expert buffers)")
         for name in ("moe_load_balance_loss", "moe_router_z_loss"):
             _require(getattr(self, name) >= 0, name, "must be >= 0")
+        _require(
+            not (self.moe_dispatch == "ragged" and self.relu_dropout_rate > 0),
+            "relu_dropout_rate",
+            "moe_dispatch='ragged' has no dropout on the experts' hidden units; set 0 or use "
+            "moe_dispatch='einsum'",
+        )
         if self.moe_d_ff is not None:
-            _require(self.moe_d_ff > 0, "moe_d_ff", "must be a positive integer (or None)")
+            _require(
+                isinstance(self.moe_d_ff, int) and self.moe_d_ff > 0,
+                "moe_d_ff",
+                f"must be a positive integer (or None), got {self.moe_d_ff!r}",
+            )
         if self.moe_feed_forward is not None:
             allowed = get_args(FeedForwardType)
             _require(

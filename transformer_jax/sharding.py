@@ -136,31 +136,32 @@ def _process_ids(mesh: Mesh) -> np.ndarray:
     return np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
 
 
-def _rows_stay_on_one_process(process_ids_DxFxT: np.ndarray) -> bool:
-    groups = process_ids_DxFxT.reshape(-1, process_ids_DxFxT.shape[-1])
+def _rows_stay_on_one_process(process_ids: np.ndarray) -> bool:
+    groups = process_ids.reshape(-1, process_ids.shape[-1])
     return all(len(set(owners.tolist())) == 1 for owners in groups)
 
 
-def check_rows_stay_on_one_process(process_ids_DxFxT: np.ndarray) -> None:
+def check_rows_stay_on_one_process(process_ids: np.ndarray) -> None:
     """Refuse a mesh where devices holding the same batch rows belong to different processes.
 
-    process_ids_DxFxT: the process index of each device, laid out as the mesh (data, fsdp,
-    tensor). Batch rows are split over data x fsdp only, so the devices along 'tensor' share
-    rows. Each process builds its own rows from its own data shard; if a 'tensor' group spans
-    processes, those processes would feed different rows into what must be one copy.
+    process_ids: the process index of each device, laid out as the mesh (MESH_AXES, 'tensor'
+    last). Batch rows are split over every axis but 'tensor', so the devices along 'tensor'
+    share rows. Each process builds its own rows from its own data shard; if a 'tensor' group
+    spans processes, those processes would feed different rows into what must be one copy.
     """
-    if _rows_stay_on_one_process(process_ids_DxFxT):
+    if _rows_stay_on_one_process(process_ids):
         return
-    data, fsdp, tensor = process_ids_DxFxT.shape
-    per_process = int((process_ids_DxFxT == process_ids_DxFxT.flat[0]).sum())
-    for row_block, owners in enumerate(process_ids_DxFxT.reshape(data * fsdp, tensor)):
+    tensor = process_ids.shape[-1]
+    per_process = int((process_ids == process_ids.flat[0]).sum())
+    sizes = dict(zip(MESH_AXES, process_ids.shape, strict=True))
+    for row_block, owners in enumerate(process_ids.reshape(-1, tensor)):
         if len(set(owners.tolist())) > 1:
             raise ValueError(
-                f"mesh.shape {{'data': {data}, 'fsdp': {fsdp}, 'tensor': {tensor}}}: the devices "
-                f"sharing batch row block {row_block} (along 'tensor') belong to processes "
-                f"{sorted(set(owners.tolist()))}, but each process feeds its own rows. Keep "
-                f"'tensor' within one host (at most its {per_process} devices) and put the "
-                "other devices on 'data' or 'fsdp'."
+                f"mesh.shape {sizes}: the devices sharing batch row block {row_block} (along "
+                f"'tensor') belong to processes {sorted(set(owners.tolist()))}, but each "
+                f"process feeds its own rows. Keep 'tensor' within one host (at most its "
+                f"{per_process} devices) and put the other devices on 'data', 'fsdp' or "
+                "'expert'."
             )
 
 

@@ -297,6 +297,10 @@ def _load_one(
 ) -> tuple[ModelConfig, Any, Tokenizer, int]:
     config = run.read_model_config()
     tokenizer = run.load_tokenizer(config.vocab_size)
+    try:
+        sharding.check_experts_divide(config.moe_num_experts, dict(mesh.shape))
+    except ValueError as e:
+        raise ValueError(f"load(mesh_shape=...): {run.path}: {e}") from e
     abstract = abstract_train_state(config, mesh, rules).params
     params, found = run.restore_params(step, abstract)
     return config, params, tokenizer, found

@@ -7,9 +7,12 @@ probabilities renormalized to sum to 1 (GShard's top-2 rule; the second expert i
 GShard's random second-expert dispatch is not applied). Padding tokens are never routed.
 
 Capacity (dispatch "einsum"): a group is one row of the batch, and each expert has
-C = min(L, ceil(k x L x capacity_factor / E)) slots per row of L tokens. Slots go first to
-every token's first choice in row order, then to every token's second choice, and so on. A
-choice whose expert is already full is dropped: the token gets nothing from that expert (its
+C = min(L, ceil(k x L x capacity_factor / E)) slots per row of L tokens. In the encoder,
+slots go first to every token's first choice in row order, then to every token's second
+choice, and so on (GShard). In the decoder they go token by token in row order (token t's
+choices, best first, before token t + 1's), so whether a choice is dropped depends only on
+the tokens before it: teacher-forced training stays causal. A choice whose expert is already
+full is dropped: the token gets nothing from that expert (its
 other choices still count, with their gates unchanged); a token with every choice dropped
 gets 0 from the layer and the residual connection carries it. Dropped choices are counted in
 the `counts` collection (and in the training logs).
@@ -36,6 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from transformer_jax.config import ModelConfig
 from transformer_jax.model.layers import ACT_BLD, AUX_LOSS, COUNTS, dtype_of
@@ -46,6 +50,8 @@ Array = jax.Array
 # axis, rows over the remaining row axes (the move from ACT_BLD is the all-to-all).
 ACT_EBCD = ("activation_exp", "activation_batch_no_exp", None, "activation_embed")
 ACT_EBCF = ("activation_exp", "activation_batch_no_exp", None, "activation_mlp")
+# The same buffers while still with their rows' devices (every expert, rows split as ACT_BLD).
+ACT_EBCD_ROWS = (None, "activation_batch", None, "activation_embed")
 
 
 class Routes(NamedTuple):
@@ -63,9 +69,13 @@ def capacity(length: int, k: int, experts: int, factor: float) -> int:
 
 
 def route(
-    logits_BxLxE: Array, valid_BxL: Array, k: int, slots: int
+    logits_BxLxE: Array, valid_BxL: Array, k: int, slots: int, causal: bool = False
 ) -> tuple[Routes, dict[str, Array], dict[str, Array]]:
-    """Top-k routing with per-row capacity; (routes, unweighted aux losses, routing counts)."""
+    """Top-k routing with per-row capacity; (routes, unweighted aux losses, routing counts).
+
+    Slots go by choice rank, then row order (GShard), or with causal=True (the decoder) by
+    row order, then choice rank, so that no token's drops depend on the tokens after it.
+    """
     logits_BxLxE = logits_BxLxE.astype(jnp.float32)
     batch, length, experts = logits_BxLxE.shape
     probs_BxLxE = jax.nn.softmax(logits_BxLxE, axis=-1)
@@ -74,11 +84,17 @@ def route(
     real_BxL = valid_BxL.astype(jnp.int32)
     chosen_BxLxKxE = jax.nn.one_hot(expert_BxLxK, experts, dtype=jnp.int32)
     chosen_BxLxKxE = chosen_BxLxKxE * real_BxL[:, :, None, None]
-    # Slots in priority order: choice rank first, then position in the row.
-    ordered_BxKLxE = chosen_BxLxKxE.transpose(0, 2, 1, 3).reshape(batch, k * length, experts)
-    taken_BxKLxE = jnp.cumsum(ordered_BxKLxE, axis=1)
-    slot_BxKL = jnp.sum(taken_BxKLxE * ordered_BxKLxE, axis=-1) - 1
-    slot_BxLxK = slot_BxKL.reshape(batch, k, length).transpose(0, 2, 1)
+    # Slots in priority order: the running count of earlier claims on the same expert.
+    if causal:
+        ordered_BxLKxE = chosen_BxLxKxE.reshape(batch, length * k, experts)
+    else:
+        ordered_BxLKxE = chosen_BxLxKxE.transpose(0, 2, 1, 3).reshape(batch, k * length, experts)
+    taken_BxLKxE = jnp.cumsum(ordered_BxLKxE, axis=1)
+    slot_BxLK = jnp.sum(taken_BxLKxE * ordered_BxLKxE, axis=-1) - 1
+    if causal:
+        slot_BxLxK = slot_BxLK.reshape(batch, length, k)
+    else:
+        slot_BxLxK = slot_BxLK.reshape(batch, k, length).transpose(0, 2, 1)
     routed_BxLxK = jnp.broadcast_to(valid_BxL[:, :, None], slot_BxLxK.shape)
     kept_BxLxK = routed_BxLxK & (slot_BxLxK < slots)
 
@@ -114,9 +130,13 @@ def activate(kind: str, h: Array, gate: Array | None) -> Array:
 
 
 class MoEFeedForward(nn.Module):
-    """E expert FFNs and a float32 router in place of one FFN (see the module docstring)."""
+    """E expert FFNs and a float32 router in place of one FFN (see the module docstring).
+
+    causal: the decoder's layer; capacity slots then go in row order (see route()).
+    """
 
     config: ModelConfig
+    causal: bool = False
 
     @nn.compact
     def __call__(
@@ -135,7 +155,7 @@ class MoEFeedForward(nn.Module):
             "router",
             nn.with_logical_partitioning(router_init, ("embed", None)),
             (d, experts),
-            param_dtype,
+            jnp.float32,  # routing is float32 whatever param_dtype is
         )
         logits_BxLxE = jnp.einsum(
             "BLD,DE->BLE",
@@ -145,7 +165,7 @@ class MoEFeedForward(nn.Module):
         )
         factor = cfg.moe_eval_capacity_factor if deterministic else cfg.moe_capacity_factor
         slots = capacity(x_BxLxD.shape[1], k, experts, factor)
-        routes, losses, counts = route(logits_BxLxE, valid_BxL, k, slots)
+        routes, losses, counts = route(logits_BxLxE, valid_BxL, k, slots, self.causal)
         if cfg.moe_dispatch == "ragged":
             # Dropless: every routed choice is served.
             counts["dropped"] = jnp.zeros_like(counts["dropped"])
@@ -157,7 +177,7 @@ class MoEFeedForward(nn.Module):
         weights = self._expert_weights(experts, d, f, param_dtype)
         weights = {name: jnp.asarray(w, dtype) for name, w in weights.items()}
         if cfg.moe_dispatch == "ragged":
-            y_BxLxD = self._ragged(x_BxLxD, valid_BxL, routes, weights, deterministic)
+            y_BxLxD = self._ragged(x_BxLxD, valid_BxL, routes, weights)
         else:
             y_BxLxD = self._einsum(x_BxLxD, routes, slots, weights, deterministic)
         return nn.with_logical_constraint(y_BxLxD, ACT_BLD)
@@ -211,6 +231,9 @@ class MoEFeedForward(nn.Module):
             "BLKE,BLKC->BLEC", expert_BxLxKxE * routes.gate_BxLxK[..., None], slot_BxLxKxC
         )
         x_ExBxCxD = jnp.einsum("BLEC,BLD->EBCD", dispatch_BxLxExC.astype(dtype), x_BxLxD)
+        # Filled where the rows are, then moved to the experts' devices: the two constraints
+        # make the move one all-to-all (left to itself, XLA all-gathers the tokens instead).
+        x_ExBxCxD = nn.with_logical_constraint(x_ExBxCxD, ACT_EBCD_ROWS)
         x_ExBxCxD = nn.with_logical_constraint(x_ExBxCxD, ACT_EBCD)
 
         def bias(name: str) -> Array:
@@ -226,6 +249,7 @@ class MoEFeedForward(nn.Module):
         h_ExBxCxF = nn.Dropout(cfg.relu_dropout_rate)(h_ExBxCxF, deterministic=deterministic)
         y_ExBxCxD = jnp.einsum("EBCF,EFD->EBCD", h_ExBxCxF, w["wo"]) + bias("wo_bias")
         y_ExBxCxD = nn.with_logical_constraint(y_ExBxCxD, ACT_EBCD)
+        y_ExBxCxD = nn.with_logical_constraint(y_ExBxCxD, ACT_EBCD_ROWS)  # back: all-to-all
         return jnp.einsum("BLEC,EBCD->BLD", combine_BxLxExC.astype(dtype), y_ExBxCxD)
 
     def _ragged(
@@ -234,39 +258,66 @@ class MoEFeedForward(nn.Module):
         valid_BxL: Array,
         routes: Routes,
         w: dict[str, Array],
-        deterministic: bool,
     ) -> Array:
-        """Dropless: choices sorted by expert, grouped matmuls through jax.lax.ragged_dot."""
-        cfg = self.config
-        batch, length, d = x_BxLxD.shape
-        experts, k = cfg.moe_num_experts, cfg.moe_experts_per_token
-        x_NxD = x_BxLxD.reshape(batch * length, d)
-        expert_M = routes.expert_BxLxK.reshape(-1)  # M = N x k choices, token-major
-        routed_M = jnp.repeat(valid_BxL.reshape(-1), k)
-        # Padding's choices sort last, past every group, so no expert computes them.
-        key_M = jnp.where(routed_M, expert_M, experts)
-        order_M = jnp.argsort(key_M, stable=True)
-        token_M = order_M // k
-        group_sizes_E = jnp.sum(jax.nn.one_hot(key_M, experts, dtype=jnp.int32), axis=0)
-        sorted_expert_M = jnp.minimum(key_M[order_M], experts - 1)
-        x_MxD = jnp.take(x_NxD, token_M, axis=0)
+        """Dropless: choices sorted by expert, grouped matmuls through jax.lax.ragged_dot.
 
-        def grouped(lhs: Array, name: str) -> Array:
-            out = jax.lax.ragged_dot(lhs, w[name], group_sizes_E)
-            bias_name = f"{name}_bias"
-            if bias_name in w:
-                out = out + jnp.take(w[bias_name], sorted_expert_M, axis=0)
-            return out
+        Under a mesh each device sorts its own rows (shard_map over the row axes) with every
+        expert's weights gathered: a global sort would gather the whole batch on every device.
+        """
+        experts, k = self.config.moe_num_experts, self.config.moe_experts_per_token
+        kind = self.config.expert_feed_forward
+        names = sorted(w)
 
-        h_MxF = grouped(x_MxD, "wi")
-        gate_MxF = grouped(x_MxD, "wi_gate") if "wi_gate" in w else None
-        h_MxF = activate(cfg.expert_feed_forward, h_MxF, gate_MxF)
-        h_MxF = nn.Dropout(cfg.relu_dropout_rate)(h_MxF, deterministic=deterministic)
-        y_MxD = grouped(h_MxF, "wo")
-        gate_M = routes.gate_BxLxK.reshape(-1)[order_M] * routed_M[order_M]
-        weighted_MxD = y_MxD * gate_M[:, None].astype(y_MxD.dtype)
-        y_NxD = jnp.zeros_like(x_NxD).at[token_M].add(weighted_MxD)
-        return y_NxD.reshape(batch, length, d)
+        def local(
+            x_BxLxD: Array, valid_BxL: Array, expert_BxLxK: Array, gate_BxLxK: Array, *weights
+        ) -> Array:
+            wl = dict(zip(names, weights, strict=True))
+            batch, length, d = x_BxLxD.shape
+            expert_M = expert_BxLxK.reshape(-1)  # M = B x L x k choices, token-major
+            routed_M = jnp.repeat(valid_BxL.reshape(-1), k)
+            # Padding's choices sort last, past every group: no expert computes them.
+            key_M = jnp.where(routed_M, expert_M, experts)
+            order_M = jnp.argsort(key_M, stable=True)
+            token_M = order_M // k
+            sorted_routed_M = routed_M[order_M]
+            group_sizes_E = jnp.sum(jax.nn.one_hot(key_M, experts, dtype=jnp.int32), axis=0)
+            sorted_expert_M = jnp.minimum(key_M[order_M], experts - 1)
+            x_NxD = x_BxLxD.reshape(batch * length, d)
+            x_MxD = jnp.take(x_NxD, token_M, axis=0)
+
+            def grouped(lhs: Array, name: str) -> Array:
+                out = jax.lax.ragged_dot(lhs, wl[name], group_sizes_E)
+                if f"{name}_bias" in wl:
+                    out = out + jnp.take(wl[f"{name}_bias"], sorted_expert_M, axis=0)
+                # Rows past the groups (padding) are left to the backend: zero them here.
+                return jnp.where(sorted_routed_M[:, None], out, 0)
+
+            h_MxF = grouped(x_MxD, "wi")
+            gate_MxF = grouped(x_MxD, "wi_gate") if "wi_gate" in wl else None
+            y_MxD = grouped(activate(kind, h_MxF, gate_MxF), "wo")
+            gate_M = jnp.where(sorted_routed_M, gate_BxLxK.reshape(-1)[order_M], 0.0)
+            weighted_MxD = y_MxD * gate_M[:, None].astype(y_MxD.dtype)
+            y_NxD = jnp.zeros_like(x_NxD).at[token_M].add(weighted_MxD)
+            return y_NxD.reshape(batch, length, d)
+
+        args = (x_BxLxD, valid_BxL, routes.expert_BxLxK, routes.gate_BxLxK)
+        weights = [w[name] for name in names]
+        mesh = jax.sharding.get_abstract_mesh()
+        spec = None if mesh.empty or mesh.size == 1 else nn.logical_to_mesh_axes(ACT_BLD)
+        axes = None if spec is None else spec[0]
+        row_axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        shards = math.prod(mesh.shape[axis] for axis in row_axes)
+        # One row per device at least (initialization traces a single row): else whole.
+        if shards == 1 or x_BxLxD.shape[0] % shards:
+            return local(*args, *weights)
+        rows = P(axes)
+        return jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(rows,) * len(args) + (P(),) * len(weights),
+            out_specs=rows,
+            check_vma=False,
+        )(*args, *weights)
 
 
 def routing_summary(counts: Mapping[str, Any]) -> dict[str, float]:

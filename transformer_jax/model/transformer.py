@@ -50,10 +50,10 @@ class ResidualBlock(nn.Module):
         return nn.with_logical_constraint(out_BxLxD, ACT_BLD)
 
 
-def feed_forward(config: ModelConfig, moe: bool) -> nn.Module:
+def feed_forward(config: ModelConfig, moe: bool, causal: bool = False) -> nn.Module:
     """The layer's FFN: the dense one, or experts (named 'moe') where config puts them."""
     if moe:
-        return MoEFeedForward(config, name="moe")
+        return MoEFeedForward(config, causal=causal, name="moe")
     return FeedForward(config, name="ffn")
 
 
@@ -116,7 +116,7 @@ class DecoderLayer(nn.Module):
         deterministic, decode = self.deterministic, self.decode
         self_attention = MultiHeadAttention(cfg, name="self_attention")
         cross_attention = MultiHeadAttention(cfg, is_cross_attention=True, name="cross_attention")
-        ffn = feed_forward(cfg, self.moe)
+        ffn = feed_forward(cfg, self.moe, causal=True)
         # Rows per source (beams), read from the shapes: nn.scan passes no Python ints.
         copies = y_BxTxD.shape[0] // encoded_BxSxD.shape[0]
         y_BxTxD = ResidualBlock(cfg, name="self_attention_block")(
