@@ -2,9 +2,10 @@
 
 Every second encoder and decoder layer (layer 2 of 2 in each stack) holds 8 experts of width
 256 and routes each token to 2 of them, so a token passes through 2 x 256 = 512 hidden units,
-as in the dense default's FFN: the active parameters match the dense model's (plus a 128 x 8
-router per MoE layer) while the parameter count grows by 1.6x. benchmarks/moe_vs_dense.py
-trains this config beside configs/default.py (figures in docs/model.md).
+as in the dense default's FFN. The active parameters match the dense model's (1,059,072 per
+token against 1,056,768: a 128 x 8 router per MoE layer) while the parameters grow 1.75x, to
+1,850,112. benchmarks/moe_vs_dense.py trains this config beside configs/default.py (figures
+in docs/model.md).
 """
 
 from __future__ import annotations

@@ -97,7 +97,9 @@ def test_full_size_parameter_counts_match_paper_arithmetic(preset: str, expected
 
 
 def test_every_parameter_has_logical_axis_names() -> None:
-    config = ModelConfig.preset("base", norm_position="pre", position_encoding="learned")
+    config = ModelConfig.preset(
+        "base", norm_position="pre", position_encoding="learned", moe_num_experts=4
+    )
     shapes = jax.eval_shape(
         lambda: Transformer(config).init(
             jax.random.key(0), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)
@@ -108,8 +110,8 @@ def test_every_parameter_has_logical_axis_names() -> None:
     )
     assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
     names = {n for x in leaves for n in x.names if n is not None}
-    assert {"vocab", "embed", "mlp", "heads", "kv"} <= names
-    assert not names & {"data", "fsdp", "tensor"}
+    assert {"vocab", "embed", "mlp", "heads", "kv", "exp"} <= names
+    assert not names & set(sharding.MESH_AXES)
     # Config rules may only name these (rules_from_config refuses others), so all must be there.
     assert names <= sharding.LOGICAL_AXES
 

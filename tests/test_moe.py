@@ -2,8 +2,8 @@
 both dispatches, the training step's generic auxiliary-loss path, and the refusals.
 
 The equivalences every switch keeps (padding, packing, causality, cached decoding = the full
-forward pass) run over an MoE variant in tests/test_model.py's VARIANTS; expert parallelism on
-8 fake devices is in tests/test_training.py.
+forward pass) run over an MoE variant in tests/test_model.py's VARIANTS, with a capacity that
+drops nothing; expert parallelism on 8 fake devices is at the end of this file.
 """
 
 from __future__ import annotations

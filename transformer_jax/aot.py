@@ -216,7 +216,7 @@ def topology_devices(topology: Topology) -> list[Any]:
 
 
 def topology_mesh(config: ml_collections.ConfigDict, devices: list[Any]) -> Mesh:
-    """The config's (data, fsdp, tensor) mesh over compile-only devices, in topology order."""
+    """The config's mesh (sharding.MESH_AXES) over compile-only devices, in topology order."""
     mesh = sharding.make_mesh(dict(config.mesh.shape), devices)
     # train.py would refuse this mesh on the pod (rows fed per host); say so here first.
     sharding.check_mesh_feeds_consistent_rows(mesh)
@@ -260,8 +260,8 @@ def compile_train_step(
 
 
 _TRAIN_ADVICE = (
-    "try sharding weights and optimizer state (--config.mesh.shape.fsdp=-1 "
-    "--config.mesh.shape.data=1), a smaller batch (--config.data.tokens_per_batch) or "
+    "try sharding weights and optimizer state (--config.mesh.shape.fsdp=-1 with the other "
+    "axes fixed, e.g. --config.mesh.shape.data=1), a smaller batch (--config.data.tokens_per_batch) or "
     "gradient accumulation (--config.optim.grad_accum_steps), or a bigger slice"
 )
 _DECODE_ADVICE = "lower --decode_batch_size or config.decode.max_length"

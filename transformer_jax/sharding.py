@@ -43,7 +43,7 @@ DEFAULT_RULES: LogicalRules = (
     ("heads", "tensor"),
     ("kv", None),
     ("layers", None),
-    ("expert", "expert"),
+    ("exp", "expert"),
 )
 
 

@@ -193,18 +193,18 @@ class MoEFeedForward(nn.Module):
             )
 
         weights = {
-            "wi": param("wi", init, ("expert", "embed", "mlp"), (experts, d, f)),
-            "wo": param("wo", init, ("expert", "mlp", "embed"), (experts, f, d)),
+            "wi": param("wi", init, ("exp", "embed", "mlp"), (experts, d, f)),
+            "wo": param("wo", init, ("exp", "mlp", "embed"), (experts, f, d)),
         }
         if cfg.expert_feed_forward == "swiglu":
-            weights["wi_gate"] = param("wi_gate", init, ("expert", "embed", "mlp"), (experts, d, f))
+            weights["wi_gate"] = param("wi_gate", init, ("exp", "embed", "mlp"), (experts, d, f))
         if cfg.use_bias:
             zeros = nn.initializers.zeros
-            weights["wi_bias"] = param("wi_bias", zeros, ("expert", "mlp"), (experts, f))
-            weights["wo_bias"] = param("wo_bias", zeros, ("expert", "embed"), (experts, d))
+            weights["wi_bias"] = param("wi_bias", zeros, ("exp", "mlp"), (experts, f))
+            weights["wo_bias"] = param("wo_bias", zeros, ("exp", "embed"), (experts, d))
             if "wi_gate" in weights:
                 weights["wi_gate_bias"] = param(
-                    "wi_gate_bias", zeros, ("expert", "mlp"), (experts, f)
+                    "wi_gate_bias", zeros, ("exp", "mlp"), (experts, f)
                 )
         return weights
 

@@ -5,7 +5,7 @@ it walks the keys block by block with a running softmax and never holds a [T, S]
 and it skips the blocks its mask rules out (half of them for causal attention). It works on
 one example's [heads, length, K] arrays, so the batch is vmapped, and Mosaic kernels cannot be
 partitioned by XLA, so under a mesh it runs inside jax.shard_map: rows split as the logical
-axis "activation_batch" maps (data/fsdp), heads as "activation_heads" maps (tensor), each
+axis "activation_batch" maps (data/fsdp/expert), heads as "activation_heads" maps (tensor), each
 device running the kernel on its own rows and heads. The mesh and the rules are the ones the
 step is traced under (jax.set_mesh and flax's logical_axis_rules); outside any mesh it runs on
 one device.

@@ -48,6 +48,8 @@ def forward_flops(config: ModelConfig, rows: int, src_len: int, tgt_len: int) ->
 
     Counts what the hardware computes on the static shapes (packing padding included):
     2 FLOPs per multiply-add for projections, FFN, attention scores/values, and the logits.
+    A mixture-of-experts layer counts its router and k experts per token (the active
+    parameters): the dispatch einsums and empty capacity slots are left out.
     """
     d, f, v, k = config.d_model, config.d_ff, config.vocab_size, config.head_dim
     h, g = config.num_heads, config.kv_heads
