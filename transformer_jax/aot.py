@@ -261,8 +261,9 @@ def compile_train_step(
 
 _TRAIN_ADVICE = (
     "try sharding weights and optimizer state (--config.mesh.shape.fsdp=-1 with the other "
-    "axes fixed, e.g. --config.mesh.shape.data=1), a smaller batch (--config.data.tokens_per_batch) or "
-    "gradient accumulation (--config.optim.grad_accum_steps), or a bigger slice"
+    "axes fixed, e.g. --config.mesh.shape.data=1), a smaller batch "
+    "(--config.data.tokens_per_batch) or gradient accumulation "
+    "(--config.optim.grad_accum_steps), or a bigger slice"
 )
 _DECODE_ADVICE = "lower --decode_batch_size or config.decode.max_length"
 

@@ -203,9 +203,7 @@ class MoEFeedForward(nn.Module):
             weights["wi_bias"] = param("wi_bias", zeros, ("exp", "mlp"), (experts, f))
             weights["wo_bias"] = param("wo_bias", zeros, ("exp", "embed"), (experts, d))
             if "wi_gate" in weights:
-                weights["wi_gate_bias"] = param(
-                    "wi_gate_bias", zeros, ("exp", "mlp"), (experts, f)
-                )
+                weights["wi_gate_bias"] = param("wi_gate_bias", zeros, ("exp", "mlp"), (experts, f))
         return weights
 
     def _einsum(
