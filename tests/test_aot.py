@@ -139,11 +139,11 @@ def test_moe_config_compiles_for_v5p_8_with_experts_sharded() -> None:
     assert 0 < report.peak_gib < report.capacity_gib and report.fits
     assert "active per token" in aot.format_report(report)
     state_shardings = compiled.input_shardings[0][0]
-    experts = [
-        (path, s)
-        for path, s in jax.tree_util.tree_flatten_with_path(state_shardings.params)[0]
-        if "moe" in str(path) and str(path).endswith("'wi']")
-    ]
+    experts = []
+    for path, leaf_sharding in jax.tree_util.tree_flatten_with_path(state_shardings.params)[0]:
+        keys = [getattr(p, "key", None) for p in path]
+        if "moe" in keys and keys[-1] == "wi":
+            experts.append((keys, leaf_sharding))
     assert len(experts) == 2  # one MoE layer in each stack
     for path, leaf_sharding in experts:
         assert leaf_sharding.spec[0] == "expert", (path, leaf_sharding.spec)
