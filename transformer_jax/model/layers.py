@@ -159,6 +159,18 @@ def dense_init() -> nn.initializers.Initializer:
     return nn.initializers.xavier_uniform()
 
 
+def activate(kind: str, h: Array, gate: Array | None) -> Array:
+    """The FFN nonlinearity: relu, gelu, swish, or swiglu (silu(gate) * h)."""
+    if kind == "relu":
+        return nn.relu(h)
+    if kind == "gelu":
+        return nn.gelu(h)
+    if kind == "swish":
+        return nn.silu(h)
+    assert gate is not None, "swiglu needs its gate projection"
+    return nn.silu(gate) * h
+
+
 class FeedForward(nn.Module):
     """FFN(x) = max(0, x W1 + b1) W2 + b2 (section 3.3); GELU, swish and SwiGLU as switches."""
 
@@ -187,21 +199,16 @@ class FeedForward(nn.Module):
             **common,
         )
         h_BxLxF = up(x_BxLxD)
-        if cfg.feed_forward == "relu":
-            h_BxLxF = nn.relu(h_BxLxF)
-        elif cfg.feed_forward == "gelu":
-            h_BxLxF = nn.gelu(h_BxLxF)
-        elif cfg.feed_forward == "swish":
-            h_BxLxF = nn.silu(h_BxLxF)
-        else:
-            gate = nn.Dense(
+        gate_BxLxF = None
+        if cfg.feed_forward == "swiglu":
+            gate_BxLxF = nn.Dense(
                 cfg.d_ff,
                 kernel_init=nn.with_logical_partitioning(dense_init(), ("embed", "mlp")),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
                 name="wi_gate",
                 **common,
-            )
-            h_BxLxF = nn.silu(gate(x_BxLxD)) * h_BxLxF
+            )(x_BxLxD)
+        h_BxLxF = activate(cfg.feed_forward, h_BxLxF, gate_BxLxF)
         h_BxLxF = nn.with_logical_constraint(h_BxLxF, ACT_BLF)
         h_BxLxF = nn.Dropout(cfg.relu_dropout_rate)(h_BxLxF, deterministic=deterministic)
         return nn.Dense(

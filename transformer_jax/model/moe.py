@@ -42,7 +42,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from transformer_jax.config import ModelConfig
-from transformer_jax.model.layers import ACT_BLD, AUX_LOSS, COUNTS, dtype_of
+from transformer_jax.model.layers import ACT_BLD, AUX_LOSS, COUNTS, activate, dtype_of
 
 Array = jax.Array
 
@@ -115,18 +115,6 @@ def route(
     }
     routes = Routes(expert_BxLxK.astype(jnp.int32), gate_BxLxK, slot_BxLxK, kept_BxLxK)
     return routes, losses, counts
-
-
-def activate(kind: str, h: Array, gate: Array | None) -> Array:
-    """The FFN nonlinearity: relu, gelu, swish, or swiglu (silu(gate) * h)."""
-    if kind == "relu":
-        return nn.relu(h)
-    if kind == "gelu":
-        return nn.gelu(h)
-    if kind == "swish":
-        return nn.silu(h)
-    assert gate is not None
-    return nn.silu(gate) * h
 
 
 class MoEFeedForward(nn.Module):
