@@ -4,13 +4,15 @@
 
 (a) The paper's base shape (V = 37000) with random weights: B = 8 sources of 16 tokens, EOS
 blocked until L tokens so every sentence decodes exactly L (ours: min_length; CTranslate2:
-min/max_decoding_length), greedy and beam 4, target tokens/s for transformer-jax and for the
-same weights exported to CTranslate2 float32 and int8. Engines alternate round by round and
-each figure is the median of --rounds timed runs after one warm-up (compiling) run.
+min/max_decoding_length), greedy and beam 4, target tokens/s for transformer-jax float32 and
+int8 (model/quant.py: int8 weights and products, float KV cache, as CTranslate2's int8) and
+for the same weights exported to CTranslate2 float32 and int8. Engines alternate round by round
+and each figure is the median of --rounds timed runs after one warm-up (compiling) run.
 
 (b) With --workdir (a workdir trained by `python train.py`): its whole test split end to end
-through `Translator.translate` with each engine (the same batching and length rules),
-sentences/s, target tokens/s and sacreBLEU, beam 4 and greedy.
+through `Translator.translate` with each engine and precision (ours: float32, int8, int8 KV
+cache, both; CTranslate2: float32, int8; the same batching and length rules), sentences/s,
+target tokens/s and sacreBLEU, beam 4 and greedy.
 
 CTranslate2 runs with intra_threads = the machine's cores and its own OpenMP settings;
 --passive_threads sets OMP_WAIT_POLICY=PASSIVE, so its idle threads do not spin while the JAX
@@ -38,6 +40,7 @@ import numpy as np
 from transformer_jax.config import EOS_ID, ModelConfig
 from transformer_jax.inference.decode import beam_search, greedy_decode
 from transformer_jax.model import Transformer
+from transformer_jax.model.quant import quantize_params
 
 SOURCE_LENGTH = 16
 BATCH = 8
@@ -93,6 +96,10 @@ def random_weights_table(args: argparse.Namespace, root: Path) -> None:
         for name, quant in (("ct2_float32", None), ("ct2_int8", "int8"))
     }
     model = Transformer(config)
+    int8_model = Transformer(config.replace(quantization="int8"))
+    int8_params = jax.jit(
+        lambda p: quantize_params(p, jax.eval_shape(_init, int8_model)["params"])
+    )(params)
     rng = np.random.default_rng(0)
     src = rng.integers(4, tokenizer.vocab_size, (BATCH, SOURCE_LENGTH)).astype(np.int32)
     src[:, -1] = EOS_ID
@@ -102,32 +109,42 @@ def random_weights_table(args: argparse.Namespace, root: Path) -> None:
         f"V={config.vocab_size}; target tokens/s, median of {args.rounds} rounds\n"
     )
     print(
-        "| decoder | L | transformer-jax | CT2 float32 | CT2 int8 | ours / CT2 fp32 "
-        "| ours / CT2 int8 |"
+        "| decoder | L | ours float32 | ours int8 | CT2 float32 | CT2 int8 | ours / CT2 fp32 "
+        "| ours int8 / CT2 int8 | ours int8 / ours fp32 |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for decoder, beam in (("greedy", 1), ("beam 4", 4)):
         per_length = {}
         for length in args.lengths:
-            ours = _jax_run(model, params, src, length, beam)
-            runs: dict[str, Callable[[], Any]] = {"ours": ours}
+            runs: dict[str, Callable[[], Any]] = {
+                "ours": _jax_run(model, params, src, length, beam),
+                "ours_int8": _jax_run(int8_model, int8_params, src, length, beam),
+            }
             for name, translator in exported.items():
                 runs[name] = _ct2_run(translator, pieces, length, beam)
             times = _median_times(args.rounds, runs)
             rate = {name: BATCH * length / t for name, t in times.items()}
             per_length[length] = rate
             print(
-                f"| {decoder} | {length} | {rate['ours']:,.0f} | {rate['ct2_float32']:,.0f} | "
-                f"{rate['ct2_int8']:,.0f} | {rate['ours'] / rate['ct2_float32']:.2f} | "
-                f"{rate['ours'] / rate['ct2_int8']:.2f} |",
+                f"| {decoder} | {length} | {rate['ours']:,.0f} | {rate['ours_int8']:,.0f} | "
+                f"{rate['ct2_float32']:,.0f} | {rate['ct2_int8']:,.0f} | "
+                f"{rate['ours'] / rate['ct2_float32']:.2f} | "
+                f"{rate['ours_int8'] / rate['ct2_int8']:.2f} | "
+                f"{rate['ours_int8'] / rate['ours']:.2f} |",
                 flush=True,
             )
         if len(args.lengths) > 1:
             short, long = min(args.lengths), max(args.lengths)
             cost = per_length[short]["ours"] / per_length[long]["ours"]
             print(
-                f"|  | cost per token at L={long} vs L={short} (ours) | {cost:.2f}x |  |  |  |  |"
+                f"|  | cost per token at L={long} vs L={short} (ours fp32) | {cost:.2f}x "
+                "|  |  |  |  |  |  |"
             )
+
+
+def _init(model: Transformer) -> Any:
+    dummy = jnp.ones((1, 4), jnp.int32)
+    return model.init(jax.random.key(0), dummy, dummy)
 
 
 def _jax_run(
@@ -176,7 +193,12 @@ def end_to_end_table(args: argparse.Namespace, root: Path) -> None:
     config = Workdir(args.workdir).experiment_config_or_raise("the test split is unknown")
     pairs = list(experiment.load_split(config, config.data.test_split or "test"))
     sources, references = [s for s, _ in pairs], [t for _, t in pairs]
-    translators = {"transformer-jax": load(args.workdir)}
+    translators = {
+        "ours float32": load(args.workdir),
+        "ours int8": load(args.workdir, quantization="int8"),
+        "ours float32, int8 KV": load(args.workdir, kv_cache="int8"),
+        "ours int8, int8 KV": load(args.workdir, quantization="int8", kv_cache="int8"),
+    }
     for name, quant in (("CT2 float32", None), ("CT2 int8", "int8")):
         out = export_ctranslate2(args.workdir, root / f"e2e_{quant}", quantization=quant)
         translators[name] = load(out, engine="ctranslate2")
@@ -201,8 +223,12 @@ def end_to_end_table(args: argparse.Namespace, root: Path) -> None:
                 f"{tokens / seconds:,.0f} | {bleu:.2f} |",
                 flush=True,
             )
-        ratio = rates["transformer-jax"] / rates["CT2 float32"]
-        print(f"| {decoding} | ours / CT2 float32 | {ratio:.2f}x | | |")
+        for ours, theirs in (
+            ("ours float32", "CT2 float32"),
+            ("ours int8", "CT2 int8"),
+            ("ours int8", "ours float32"),
+        ):
+            print(f"| {decoding} | {ours} / {theirs} | {rates[ours] / rates[theirs]:.2f}x | | |")
 
 
 def main() -> None:

@@ -440,6 +440,8 @@ class DecodeReport:
     peak_gib: float
     capacity_gib: float
     compile_s: float
+    quantization: str = "none"
+    kv_cache: str = "float"
 
     @property
     def fits(self) -> bool:
@@ -455,17 +457,22 @@ def compile_beam_search(
     beam_size: int = 4,
     alpha: float = 0.6,
     batch_size: int = 32,
+    quantization: str = "none",
+    kv_cache: str = "float",
 ) -> tuple[Any, DecodeReport]:
     """Lower and compile the translator's beam search for the topology (the same decoder).
 
     As `load()` + `Translator.translate` run it: a data-parallel mesh over every chip
     (parameters replicated), batch_size sentences per host of config.data.max_source_length
-    tokens, decoding up to config.decode.max_length tokens.
+    tokens, decoding up to config.decode.max_length tokens; quantization and kv_cache as
+    load(quantization=..., kv_cache=...) sets them (the parameters then int8 as they would be).
     """
     from transformer_jax.inference.engine import DecodeSettings, JaxEngine
+    from transformer_jax.inference.quantize import check_names
     from transformer_jax.state import abstract_train_state
 
-    model_config = experiment.validate(config)
+    check_names(quantization, kv_cache, flags=True)
+    model_config = experiment.validate(config).replace(quantization=quantization, kv_cache=kv_cache)
     mesh = sharding.make_mesh(sharding.DATA_PARALLEL, devices)
     rules = sharding.rules_from_config(config.mesh.logical_axis_rules)
     num_hosts = len({d.process_index for d in devices})
@@ -510,6 +517,8 @@ def compile_beam_search(
         peak_gib=_peak_bytes(memory) / GIB,
         capacity_gib=topology.chip.hbm_gib,
         compile_s=compile_s,
+        quantization=quantization,
+        kv_cache=kv_cache,
     )
     return compiled, report
 
@@ -522,6 +531,8 @@ def format_decode_report(report: DecodeReport) -> str:
             f"topology      {r.topology}: {r.num_chips} chips, mesh {r.mesh}",
             f"beam search   {r.sentences} sentences x {r.src_len} source tokens, beam "
             f"{r.beam_size}, up to {r.max_length} output tokens; {r.num_params:,} parameters",
+            f"precision     weights {'int8' if r.quantization == 'int8' else 'float'}, "
+            f"KV cache {r.kv_cache}",
             f"HBM per chip  {r.peak_gib:.2f} GiB of {r.capacity_gib:g} GiB "
             f"({100 * r.peak_gib / r.capacity_gib:.0f}%): arguments {r.argument_gib:.2f} + "
             f"outputs {r.output_gib:.3f} + temporaries {r.temp_gib:.2f}",
@@ -539,12 +550,39 @@ def _devices_for(topology_name: str) -> tuple[Topology, list[Any]]:
 
 
 def run_decode(
-    config: ml_collections.ConfigDict, topology_name: str, batch_size: int = 32
+    config: ml_collections.ConfigDict,
+    topology_name: str,
+    batch_size: int = 32,
+    quantization: str = "none",
+    kv_cache: str = "float",
 ) -> DecodeReport:
     """Compile beam search of `config` for `topology_name` and return the report."""
     topology, devices = _devices_for(topology_name)
-    _, report = compile_beam_search(config, topology, devices, batch_size=batch_size)
+    _, report = compile_beam_search(
+        config,
+        topology,
+        devices,
+        batch_size=batch_size,
+        quantization=quantization,
+        kv_cache=kv_cache,
+    )
     return report
+
+
+def format_decode_comparison(float_report: DecodeReport, report: DecodeReport) -> str:
+    """One line per memory figure: the float decoder against the quantized one, per chip."""
+    rows = [
+        ("arguments", float_report.argument_gib, report.argument_gib),
+        ("temporaries", float_report.temp_gib, report.temp_gib),
+        ("peak", float_report.peak_gib, report.peak_gib),
+    ]
+    precision = f"weights {report.quantization}, KV cache {report.kv_cache}"
+    lines = [f"float -> {precision} (GiB per chip)"]
+    lines += [
+        f"  {name:<12}{a:8.3f} -> {b:8.3f}  ({b / a:.2f}x)" if a else f"  {name:<12}{a} -> {b}"
+        for name, a, b in rows
+    ]
+    return "\n".join(lines)
 
 
 def run(config: ml_collections.ConfigDict, topology_name: str) -> Report:
@@ -581,6 +619,17 @@ def main() -> None:
     decode_batch_flag = flags.DEFINE_integer(
         "decode_batch_size", 32, "With --mode=decode: sentences per host and batch."
     )
+    quantization_flag = flags.DEFINE_string(
+        "quantization",
+        "none",
+        "With --mode=decode: int8 compiles the int8 decoder (load(..., quantization='int8')) "
+        "after the float one and reports both.",
+    )
+    kv_cache_flag = flags.DEFINE_string(
+        "kv_cache",
+        "float",
+        "With --mode=decode: int8 stores the decoding cache as int8 (reported against float).",
+    )
     workdir_flag = flags.DEFINE_string(
         "workdir",
         None,
@@ -602,11 +651,22 @@ def main() -> None:
             # Name the report after the file the user passed (configs carry no name field).
             config_file = config_flags.get_config_filename(flags.FLAGS["config"])
             config = _adopted(config_flag.value, workdir_flag.value)
+            quantized = (quantization_flag.value, kv_cache_flag.value) != ("none", "float")
+            if mode_flag.value != "decode" and quantized:
+                raise ValueError("--quantization and --kv_cache go with --mode=decode")
             if mode_flag.value == "decode":
-                decoded = run_decode(config, str(topology_flag.value), decode_batch_flag.value)
+                topology, batch = str(topology_flag.value), decode_batch_flag.value
+                decoded = run_decode(
+                    config, topology, batch, quantization_flag.value, kv_cache_flag.value
+                )
                 decoded = dataclasses.replace(decoded, config=decoded.config or config_file)
-                text = format_decode_report(decoded)
-                print(json.dumps(dataclasses.asdict(decoded)) if json_flag.value else text)
+                text, payload = format_decode_report(decoded), dataclasses.asdict(decoded)
+                if quantized:
+                    # The float decoder of the same shapes, for the comparison.
+                    baseline = run_decode(config, topology, batch)
+                    text += "\n" + format_decode_comparison(baseline, decoded)
+                    payload["float"] = dataclasses.asdict(baseline)
+                print(json.dumps(payload) if json_flag.value else text)
                 if not decoded.fits:
                     raise _does_not_fit(
                         "beam search",

@@ -50,6 +50,19 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default=None, help="with --engine ctranslate2: cpu (default) or cuda"
     )
+    parser.add_argument(
+        "--quantization",
+        nargs="+",
+        default=None,
+        help="JAX engine: int8 quantizes the model in memory (int8 weights and products; "
+        "docs/inference.md); none (default) decodes in float",
+    )
+    parser.add_argument(
+        "--kv_cache",
+        default=None,
+        help="JAX engine: int8 stores the decoding cache's keys and values as int8; float "
+        "(default) in the model's dtype",
+    )
     parser.add_argument("--method", choices=["beam", "greedy", "sample"], default="beam")
     parser.add_argument("--beam_size", type=int, default=4, help="paper: 4")
     parser.add_argument("--alpha", type=float, default=0.6, help="length penalty; paper: 0.6")
@@ -68,6 +81,7 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
 
 def load_translator(args: argparse.Namespace) -> Any:
     """transformer_jax.load for --workdir/--step/--engine; one error line if it cannot."""
+    from transformer_jax.inference.quantize import check_names
     from transformer_jax.inference.translator import load
 
     if args.engine == "ctranslate2" and args.step is not None:
@@ -77,15 +91,32 @@ def load_translator(args: argparse.Namespace) -> Any:
             "error: --compute_type and --device are CTranslate2's; add --engine ctranslate2 "
             "(the JAX engine runs where JAX_PLATFORMS says)"
         )
+    if args.engine == "ctranslate2" and (args.quantization or args.kv_cache):
+        flag = "--quantization" if args.quantization else "--kv_cache"
+        raise SystemExit(
+            f"error: {flag} is the JAX engine's; with --engine ctranslate2 the export's own "
+            "quantization applies (export --quantization int8, or --compute_type int8)"
+        )
     if args.engine == "ctranslate2" and len(args.workdir) > 1:
         raise SystemExit("error: --workdir: ensembles decode with --engine jax only")
+    quantization = args.quantization or ["none"]
+    kv_cache = args.kv_cache or "float"
     try:
+        for name in quantization:
+            check_names(name, kv_cache, flags=True)
+        if len(quantization) not in (1, max(len(args.workdir), len(args.step or [None]))):
+            raise ValueError(
+                f"--quantization: {len(quantization)} names for the models of --workdir and "
+                "--step; give one for all"
+            )
         return load(
             args.workdir[0] if len(args.workdir) == 1 else args.workdir,
             args.step[0] if args.step and len(args.step) == 1 else args.step,
             engine=args.engine,
             compute_type=args.compute_type or "default",
             device=args.device or "cpu",
+            quantization=quantization[0] if len(quantization) == 1 else quantization,
+            kv_cache=kv_cache,
         )
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from e

@@ -34,6 +34,12 @@ AttentionImpl = Literal["einsum", "dot_product", "splash"]
 # expert buffers (GShard; shards over the expert mesh axis), "ragged" sorts them by expert and
 # runs grouped matmuls (jax.lax.ragged_dot; dropless).
 MoEDispatch = Literal["einsum", "ragged"]
+# Decoding precision (model/quant.py): "int8" runs every projection, FFN and the output layer
+# (and the embedding it shares) as int8 x int8 -> int32 products; set by load(quantization=).
+Quantization = Literal["none", "int8"]
+# The decoding cache's storage: "float" keeps keys and values in the compute dtype, "int8"
+# stores them as int8 with one float32 scale per token and head.
+KVCacheType = Literal["float", "int8"]
 PresetName = Literal["tiny", "base", "big"]
 Remat = Literal["none", "full", "dots"]
 
@@ -112,6 +118,11 @@ class ModelConfig:
     # nn.scan over layers: one compiled layer body (compile time flat in depth); params get a
     # leading "layers" axis, so checkpoints differ in layout from unscanned ones.
     scan_layers: bool = False
+    # Decoding only (docs/inference.md "int8"). Weights of an "int8" model are int8 with
+    # per-output-channel scales, made from a float checkpoint by model.quant.quantize_params;
+    # training refuses it. kv_cache="int8" changes the decoding cache alone.
+    quantization: Quantization = "none"
+    kv_cache: KVCacheType = "float"
 
     def __post_init__(self) -> None:
         _check_literals(self)

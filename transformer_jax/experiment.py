@@ -146,6 +146,13 @@ def validate(
             "data.tokenizer.vocab_size",
             f"exceeds model.vocab_size={model.vocab_size}",
         ),
+        (
+            model.quantization == "none",
+            "model.quantization",
+            f"{model.quantization!r} is for decoding a trained model (load(..., quantization=), "
+            "translate/evaluate --quantization, aot --mode=decode --quantization); training "
+            "and its checkpoints stay float: leave it 'none'",
+        ),
         (_is_int(config.decode.max_length, 1), "decode.max_length", "must be an integer >= 1"),
         (_is_int(config.decode.beam_size, 1), "decode.beam_size", "must be an integer >= 1"),
         (config.decode.alpha >= 0, "decode.alpha", "must be >= 0"),

@@ -19,6 +19,7 @@ from transformer_jax.config import EOS_ID, ModelConfig
 from transformer_jax.data.tokenizer import Tokenizer
 from transformer_jax.inference.ctranslate2_engine import CTranslate2Engine
 from transformer_jax.inference.engine import DecodeSettings, JaxEngine, Method
+from transformer_jax.inference.quantize import check_names, quantize
 from transformer_jax.model import Decodable, Ensemble, Transformer, check_members
 from transformer_jax.state import abstract_train_state
 from transformer_jax.workdir import Workdir
@@ -207,6 +208,8 @@ def load(
     engine: Literal["jax", "ctranslate2"] = "jax",
     device: str = "cpu",
     compute_type: str = "default",
+    quantization: str | Sequence[str] = "none",
+    kv_cache: str = "float",
 ) -> Translator:
     """Open a workdir: its model config, tokenizer and the parameters of one checkpoint.
 
@@ -219,13 +222,39 @@ def load(
     Several models decode as one ensemble (the mean of their log-probabilities per step):
     load([dir_a, dir_b]), load(dir, step=[2000, 2500]) (steps of one run), or a list of both,
     one step per workdir. They must share the vocabulary and tokenizer (refused by name).
+
+    quantization="int8" quantizes the parameters in memory for int8 decoding (model/quant.py;
+    the checkpoint stays float); a list gives one name per model of an ensemble, and must
+    then name one precision for all. kv_cache="int8" stores the decoding cache as int8.
+    Both are the JAX engine's: a CTranslate2 export carries its own quantization.
     """
     mesh = sharding.make_mesh(mesh_shape or sharding.DATA_PARALLEL)
     # Each process feeds its own sentences: a 'tensor' group across processes would mix them.
     sharding.check_mesh_feeds_consistent_rows(mesh)
     rules = sharding.rules_from_config(logical_axis_rules)
     members = _members(workdir, step)
+    quantizations = (
+        [quantization] * len(members) if isinstance(quantization, str) else list(quantization)
+    )
+    if len(quantizations) != len(members):
+        raise ValueError(
+            f"quantization: {len(quantizations)} names for {len(members)} models; give one"
+        )
+    for name in quantizations:
+        check_names(name, kv_cache)
+    if len(set(quantizations)) > 1:
+        listed = ", ".join(f"{q} for {w}" for (w, _), q in zip(members, quantizations, strict=True))
+        raise ValueError(
+            f"--quantization: ensemble members quantized differently ({listed}); an ensemble "
+            "decodes every member at one precision, so give one name for all"
+        )
     if engine == "ctranslate2":
+        if set(quantizations) != {"none"} or kv_cache != "float":
+            raise ValueError(
+                "quantization and kv_cache are the JAX engine's; with engine='ctranslate2' the "
+                "export's own quantization applies (python -m transformer_jax.export "
+                "--quantization int8, or compute_type='int8')"
+            )
         if len(members) > 1:
             raise ValueError("engine='ctranslate2' decodes one exported model; ensembles: 'jax'")
         folder = os.fspath(members[0][0])
@@ -240,7 +269,10 @@ def load(
             rules=rules,
             backend=backend,
         )
-    loaded = [_load_one(Workdir(w), s, mesh, rules) for w, s in members]
+    loaded = [
+        _load_one(Workdir(w), s, mesh, rules, q, kv_cache)
+        for (w, s), q in zip(members, quantizations, strict=True)
+    ]
     config, params, tokenizer, first_step = loaded[0]
     if len(loaded) == 1:
         log.info("Loaded %s step %d (%s)", members[0][0], first_step, config)
@@ -293,9 +325,14 @@ def _members(
 
 
 def _load_one(
-    run: Workdir, step: int | None, mesh: Mesh, rules: sharding.LogicalRules
+    run: Workdir,
+    step: int | None,
+    mesh: Mesh,
+    rules: sharding.LogicalRules,
+    quantization: str = "none",
+    kv_cache: str = "float",
 ) -> tuple[ModelConfig, Any, Tokenizer, int]:
-    config = run.read_model_config()
+    config = run.read_model_config().replace(kv_cache=kv_cache)
     tokenizer = run.load_tokenizer(config.vocab_size)
     try:
         sharding.check_experts_divide(config.moe_num_experts, dict(mesh.shape))
@@ -303,6 +340,9 @@ def _load_one(
         raise ValueError(f"load(mesh_shape=...): {run.path}: {e}") from e
     abstract = abstract_train_state(config, mesh, rules).params
     params, found = run.restore_params(step, abstract)
+    if quantization == "int8":
+        config, params = quantize(config, params, mesh, rules)
+        log.info("Quantized %s step %d to int8 for decoding", run.path, found)
     return config, params, tokenizer, found
 
 

@@ -57,6 +57,7 @@ def unsupported(config: ModelConfig) -> list[str]:
     """'field=value (why)' for every setting CTranslate2 cannot express; empty if none."""
     rules = {field: fields.any_value() for field in (*_SHAPES, *fields.MOE_KNOBS)}
     rules["moe_num_experts"] = fields.dense_ffn("CTranslate2")
+    rules["quantization"] = fields.float_weights("CTranslate2")
     for field, values in _EXPRESSIBLE.items():
         rules[field] = fields.one_of(field, values, "CTranslate2")
     return fields.unsupported(config, rules, "CTranslate2")

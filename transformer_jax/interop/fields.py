@@ -28,6 +28,9 @@ TRAINING_ONLY = frozenset(
         "moe_load_balance_loss",
         "moe_router_z_loss",
         "moe_dispatch",
+        # The decoding cache's storage: the exported weights compute the same function, and
+        # the other tool keeps its own cache.
+        "kv_cache",
     }
 )
 
@@ -61,6 +64,13 @@ def dense_ffn(tool: str) -> Rule:
     """The rule of moe_num_experts: the format has a dense FFN only."""
     return (lambda config: config.moe_num_experts == 0), (
         f"{tool} has no mixture-of-experts layers in an encoder-decoder; moe_num_experts must be 0"
+    )
+
+
+def float_weights(tool: str) -> Rule:
+    """The rule of quantization: exports start from float weights (the tool quantizes its own)."""
+    return (lambda config: config.quantization == "none"), (
+        f"export the float workdir; {tool} applies its own quantization"
     )
 
 

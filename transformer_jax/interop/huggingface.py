@@ -527,6 +527,7 @@ _MARIAN_RULES: dict[str, fields.Rule] = {
         )
     },
     "moe_num_experts": fields.dense_ffn("MarianMTModel"),
+    "quantization": fields.float_weights("MarianMTModel"),
     "attention_window": (
         lambda c: c.attention_window is None,
         "MarianMTModel has no sliding-window attention",

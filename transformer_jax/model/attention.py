@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer_jax.config import ModelConfig
-from transformer_jax.model import kernels, positions
+from transformer_jax.model import kernels, positions, quant
 from transformer_jax.model.cache import KVCache, StepMask, cross_memory
 from transformer_jax.model.layers import dtype_of
 from transformer_jax.model.masks import AttentionMask
@@ -39,16 +39,16 @@ class HeadProjection(nn.Module):
         cfg = self.config
         # 3-D kernel with fan-in D and fan-out heads*K: the same Glorot range as one D x D matrix.
         init = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
-        kernel_DxNxK = self.param(
+        kernel_DxNxK = quant.weight(
+            self,
             "kernel",
-            nn.with_logical_partitioning(init, ("embed", "heads", "kv")),
+            init,
+            ("embed", "heads", "kv"),
             (cfg.d_model, self.heads, cfg.head_dim),
-            dtype_of(cfg.param_dtype),
+            (0,),
         )
         dtype = dtype_of(cfg.dtype)
-        y_BxLxNxK = jnp.einsum(
-            "BLD,DNK->BLNK", x_BxLxD.astype(dtype), jnp.asarray(kernel_DxNxK, dtype)
-        )
+        y_BxLxNxK = quant.product("BLD,DNK->BLNK", x_BxLxD, kernel_DxNxK, dtype)
         if cfg.use_bias:
             bias_NxK = self.param(
                 "bias",
@@ -70,16 +70,10 @@ class OutputProjection(nn.Module):
         """Merge heads back into the model dimension."""
         cfg = self.config
         init = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
-        kernel_HxKxD = self.param(
-            "kernel",
-            nn.with_logical_partitioning(init, ("heads", "kv", "embed")),
-            (cfg.num_heads, cfg.head_dim, cfg.d_model),
-            dtype_of(cfg.param_dtype),
-        )
+        shape = (cfg.num_heads, cfg.head_dim, cfg.d_model)
+        kernel_HxKxD = quant.weight(self, "kernel", init, ("heads", "kv", "embed"), shape, (0, 1))
         dtype = dtype_of(cfg.dtype)
-        y_BxTxD = jnp.einsum(
-            "BTHK,HKD->BTD", x_BxTxHxK.astype(dtype), jnp.asarray(kernel_HxKxD, dtype)
-        )
+        y_BxTxD = quant.product("BTHK,HKD->BTD", x_BxTxHxK, kernel_HxKxD, dtype)
         if cfg.use_bias:
             bias_D = self.param(
                 "bias",

@@ -27,9 +27,14 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from transformer_jax.model.quant import SCALE_SUFFIX, quantize_rows
+
 Array = jax.Array
 
 CACHED_KEY, CACHED_VALUE = "cached_key", "cached_value"
+# With config.kv_cache == "int8" keys and values are int8 and these hold their float32 scales,
+# one per (row, head, slot): [B, G, W x C, 1].
+CACHED_KEY_SCALE, CACHED_VALUE_SCALE = CACHED_KEY + SCALE_SUFFIX, CACHED_VALUE + SCALE_SUFFIX
 CROSS_KEY, CROSS_VALUE = "cross_key", "cross_value"
 BEAM_ORIGIN = "beam_origin"
 POSITION = "position"
@@ -37,7 +42,13 @@ POSITION = "position"
 PER_ROW_CACHE = frozenset({BEAM_ORIGIN})
 # Each growing leaf's slot axis (before any leading layer axis that nn.scan adds): W blocks
 # of C slots for keys and values, C slots for the origin table.
-CACHE_SLOT_AXIS = {CACHED_KEY: 2, CACHED_VALUE: 2, BEAM_ORIGIN: 1}
+CACHE_SLOT_AXIS = {
+    CACHED_KEY: 2,
+    CACHED_VALUE: 2,
+    CACHED_KEY_SCALE: 2,
+    CACHED_VALUE_SCALE: 2,
+    BEAM_ORIGIN: 1,
+}
 # The cache's first capacity; it doubles from here up to max_length.
 FIRST_CAPACITY = 16
 
@@ -127,19 +138,35 @@ class DecoderSteps:
 
 
 class KVCache:
-    """One self-attention layer's keys and values: [B, G, W x C, K] in the module's cache."""
+    """One self-attention layer's keys and values: [B, G, W x C, K] in the module's cache.
+
+    With config.kv_cache == "int8" they are stored as int8, each (row, head, slot) vector with
+    its own float32 scale (symmetric, max|x| / 127: model/quant.py), and `write` hands attention
+    the dequantized cache. Bytes per cached token and layer: 2 G (K + 4) against 2 G K x 2
+    (bfloat16) or x 4 (float32); see `bytes_per_token`.
+    """
 
     def __init__(self, module: nn.Module, key_RxTxGxK: Array, copies: int) -> None:
         R, T, G, K = key_RxTxGxK.shape
         shape = (R // copies, G, copies * T, K)  # T is the capacity on the sizing call
-        dtype = key_RxTxGxK.dtype
-        self.key = module.variable("cache", CACHED_KEY, jnp.zeros, shape, dtype)
-        self.value = module.variable("cache", CACHED_VALUE, jnp.zeros, shape, dtype)
+        self.dtype = key_RxTxGxK.dtype
+        self.int8 = module.config.kv_cache == "int8"
+        stored = jnp.int8 if self.int8 else self.dtype
+        self.key = module.variable("cache", CACHED_KEY, jnp.zeros, shape, stored)
+        self.value = module.variable("cache", CACHED_VALUE, jnp.zeros, shape, stored)
+        if self.int8:
+            scales = (*shape[:3], 1)
+            self.key_scale = module.variable(
+                "cache", CACHED_KEY_SCALE, jnp.ones, scales, jnp.float32
+            )
+            self.value_scale = module.variable(
+                "cache", CACHED_VALUE_SCALE, jnp.ones, scales, jnp.float32
+            )
         self.copies = copies
 
     def write(self, key_RxTxGxK: Array, value_RxTxGxK: Array, slot: Array) -> tuple[Array, Array]:
         """Store one step's keys and values at `slot` of every row; the whole cache."""
-        _, T, G, K = key_RxTxGxK.shape
+        _, T, G, _ = key_RxTxGxK.shape
         if T != 1:
             raise ValueError(
                 f"decode=True takes one target step per call after the cache is created; got "
@@ -150,7 +177,7 @@ class KVCache:
         C, zero = S // W, jnp.array(0, jnp.int32)
 
         def write(cache_BxGxSxK: Array, new_RxTxGxK: Array) -> Array:
-            new_BxGxWxK = new_RxTxGxK.reshape(B, W, G, K).transpose(0, 2, 1, 3)
+            new_BxGxWxK = new_RxTxGxK.reshape(B, W, G, -1).transpose(0, 2, 1, 3)
             # One in-place update per row: writing a [B, G, W, 1, K] view of the cache instead
             # makes XLA:CPU fuse the update into both its readers and copy the cache per step.
             for w in range(W):
@@ -159,21 +186,61 @@ class KVCache:
                 )
             return cache_BxGxSxK
 
-        self.key.value = write(self.key.value, key_RxTxGxK)
-        self.value.value = write(self.value.value, value_RxTxGxK)
-        return self.key.value, self.value.value
+        if not self.int8:
+            self.key.value = write(self.key.value, key_RxTxGxK)
+            self.value.value = write(self.value.value, value_RxTxGxK)
+            return self.key.value, self.value.value
+        stored = []
+        for values, scales, new_RxTxGxK in (
+            (self.key, self.key_scale, key_RxTxGxK),
+            (self.value, self.value_scale, value_RxTxGxK),
+        ):
+            new_q, new_scale = quantize_rows(new_RxTxGxK, [3])
+            values.value = write(values.value, new_q)
+            scales.value = write(scales.value, new_scale)
+            stored.append((values.value.astype(jnp.float32) * scales.value).astype(self.dtype))
+        return stored[0], stored[1]
+
+
+def bytes_per_token(config: Any, cache_dtype: Any = None) -> int:
+    """Self-attention cache bytes one decoded token adds per row (all decoder layers).
+
+    2 (keys and values) x layers x G heads x K, times the element size: config.dtype's, or 1
+    plus 4 for the float32 scale with kv_cache="int8". Cross-attention's cache is per source,
+    not per token.
+    """
+    per_vector = (
+        config.head_dim + 4
+        if config.kv_cache == "int8"
+        else config.head_dim * jnp.dtype(cache_dtype or config.dtype).itemsize
+    )
+    return 2 * config.num_decoder_layers * config.kv_heads * per_vector
 
 
 def cross_memory(
     module: nn.Module, project: Callable[[], tuple[Array, Array]]
 ) -> tuple[Array, Array]:
-    """Cross-attention keys/values: projected on the cache-creating call, then reused."""
-    if module.has_variable("cache", CROSS_KEY):
-        return module.get_variable("cache", CROSS_KEY), module.get_variable("cache", CROSS_VALUE)
-    key_BxSxGxK, value_BxSxGxK = project()
-    module.put_variable("cache", CROSS_KEY, key_BxSxGxK)
-    module.put_variable("cache", CROSS_VALUE, value_BxSxGxK)
-    return key_BxSxGxK, value_BxSxGxK
+    """Cross-attention keys/values: projected on the cache-creating call, then reused.
+
+    With config.kv_cache == "int8" they are kept as int8 with a float32 scale per (source
+    token, head), as the self-attention cache is, and handed out dequantized.
+    """
+    int8 = module.config.kv_cache == "int8"
+    if not module.has_variable("cache", CROSS_KEY):
+        for name, projected_BxSxGxK in zip((CROSS_KEY, CROSS_VALUE), project(), strict=True):
+            if int8:
+                projected_BxSxGxK, scale_BxSxGx1 = quantize_rows(projected_BxSxGxK, [3])
+                module.put_variable("cache", name + SCALE_SUFFIX, scale_BxSxGx1)
+            module.put_variable("cache", name, projected_BxSxGxK)
+    stored = []
+    for name in (CROSS_KEY, CROSS_VALUE):
+        x_BxSxGxK: Array = module.get_variable("cache", name)
+        if int8:
+            scale_BxSxGx1 = module.get_variable("cache", name + SCALE_SUFFIX)
+            x_BxSxGxK = x_BxSxGxK.astype(jnp.float32) * scale_BxSxGx1
+            x_BxSxGxK = x_BxSxGxK.astype(jnp.dtype(module.config.dtype))
+        stored.append(x_BxSxGxK)
+    return stored[0], stored[1]
 
 
 def capacities(max_length: int, window: int | None = None) -> list[int]:

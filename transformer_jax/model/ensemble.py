@@ -35,6 +35,13 @@ def check_members(configs: Sequence[ModelConfig]) -> None:
                     f"ensemble member {i}: ModelConfig.{field}={getattr(config, field)} but "
                     f"member 0 has {getattr(first, field)}; members must share the vocabulary"
                 )
+        for field in ("quantization", "kv_cache"):
+            if getattr(config, field) != getattr(first, field):
+                raise ValueError(
+                    f"--{field}: ensemble member {i} is {getattr(config, field)!r} but member 0 "
+                    f"is {getattr(first, field)!r}; an ensemble decodes every member at one "
+                    f"precision, so give one --{field} (load(..., {field}=...)) for all"
+                )
 
 
 class Ensemble(nn.Module):

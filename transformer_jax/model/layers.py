@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer_jax.config import ModelConfig
+from transformer_jax.model import quant
 
 Array = jax.Array
 
@@ -71,35 +72,46 @@ class Embed(nn.Module):
         cfg = self.config
         # Std D^-0.5 so that the sqrt(D)-scaled input (section 3.4) has unit variance.
         init = nn.initializers.normal(stddev=cfg.d_model**-0.5)
-        self.embedding = self.param(
-            "embedding",
-            nn.with_logical_partitioning(init, ("vocab", "embed")),
-            (cfg.vocab_size, cfg.d_model),
-            dtype_of(cfg.param_dtype),
+        # int8: one scale per row (per token for the lookup, per output channel for attend).
+        self.embedding = quant.weight(
+            self, "embedding", init, ("vocab", "embed"), (cfg.vocab_size, cfg.d_model), (1,)
         )
 
-    def _gathered_table(self) -> Array:
-        """The table in the compute dtype, whole along embed (FSDP all-gathers it here).
+    def _gathered_table(self) -> quant.Weight:
+        """The table (float: in the compute dtype), whole along embed (FSDP all-gathers it here).
 
         Left sharded along embed, the lookup's output would be split along d_model on the same
         mesh axis that splits the batch, and XLA would replicate the activations to fix it.
         """
+        if isinstance(self.embedding, quant.Int8Weight):
+            return quant.Int8Weight(
+                nn.with_logical_constraint(self.embedding.values, ("vocab", None)),
+                self.embedding.scale,
+            )
         table_VxD = jnp.asarray(self.embedding, dtype_of(self.config.dtype))
         return nn.with_logical_constraint(table_VxD, ("vocab", None))
 
     def __call__(self, ids_BxL: Array) -> Array:
         """Look up ids and multiply by sqrt(d_model) (section 3.4), in the compute dtype."""
         cfg = self.config
-        table_VxD = self._gathered_table()
-        x_BxLxD = jnp.take(table_VxD, ids_BxL, axis=0)
+        table = self._gathered_table()
+        if isinstance(table, quant.Int8Weight):
+            rows = quant.Int8Weight(
+                jnp.take(table.values, ids_BxL, axis=0), jnp.take(table.scale, ids_BxL, axis=0)
+            )
+            x_BxLxD = rows.dequantized(dtype_of(cfg.dtype))
+        else:
+            x_BxLxD = jnp.take(table, ids_BxL, axis=0)
         return x_BxLxD * jnp.asarray(np.sqrt(cfg.d_model), x_BxLxD.dtype)
 
     def attend(self, y_BxTxD: Array) -> Array:
         """Pre-softmax projection with the shared matrix; float32 logits."""
-        table_VxD = self._gathered_table()
-        return jnp.einsum(
-            "BTD,VD->BTV", y_BxTxD, table_VxD, preferred_element_type=jnp.float32
-        ).astype(jnp.float32)
+        table = self._gathered_table()
+        if isinstance(table, quant.Int8Weight):
+            return quant.product("BTD,VD->BTV", y_BxTxD, table, jnp.float32)
+        return jnp.einsum("BTD,VD->BTV", y_BxTxD, table, preferred_element_type=jnp.float32).astype(
+            jnp.float32
+        )
 
 
 class PositionEmbedding(nn.Module):
@@ -159,6 +171,41 @@ def dense_init() -> nn.initializers.Initializer:
     return nn.initializers.xavier_uniform()
 
 
+class Dense(nn.Module):
+    """x W + b over the last axis (flax's nn.Dense, same parameters), int8 when configured."""
+
+    config: ModelConfig
+    features: int
+    axes: tuple[str, str]  # the kernel's logical axes (in, out)
+    kernel_init: nn.initializers.Initializer = dense_init()
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """Project the last axis of x to `features`, in the compute dtype."""
+        cfg = self.config
+        dtype = dtype_of(cfg.dtype)
+        shape = (x.shape[-1], self.features)
+        kernel = quant.weight(self, "kernel", self.kernel_init, self.axes, shape, (0,))
+        if isinstance(kernel, quant.Int8Weight):
+            batch = "ABCEGHIJ"[: x.ndim - 1]
+            y = quant.product(f"{batch}D,DF->{batch}F", x, kernel, dtype)
+        else:
+            # nn.Dense's own product, so float models compute what they computed before.
+            y = jax.lax.dot_general(
+                x.astype(dtype), jnp.asarray(kernel, dtype), (((x.ndim - 1,), (0,)), ((), ()))
+            )
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
+                (self.features,),
+                dtype_of(cfg.param_dtype),
+            )
+            y = y + jnp.asarray(bias, dtype)
+        return y
+
+
 def activate(kind: str, h: Array, gate: Array | None) -> Array:
     """The FFN nonlinearity: relu, gelu, swish, or swiglu (silu(gate) * h)."""
     if kind == "relu":
@@ -186,35 +233,13 @@ class FeedForward(nn.Module):
         position goes through the dense FFN.
         """
         cfg = self.config
-        common: dict[str, Any] = {
-            "use_bias": cfg.use_bias,
-            "dtype": dtype_of(cfg.dtype),
-            "param_dtype": dtype_of(cfg.param_dtype),
-        }
-        up = nn.Dense(
-            cfg.d_ff,
-            kernel_init=nn.with_logical_partitioning(dense_init(), ("embed", "mlp")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
-            name="wi",
-            **common,
-        )
-        h_BxLxF = up(x_BxLxD)
+        up = ("embed", "mlp")
+        h_BxLxF = Dense(cfg, cfg.d_ff, up, use_bias=cfg.use_bias, name="wi")(x_BxLxD)
         gate_BxLxF = None
         if cfg.feed_forward == "swiglu":
-            gate_BxLxF = nn.Dense(
-                cfg.d_ff,
-                kernel_init=nn.with_logical_partitioning(dense_init(), ("embed", "mlp")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
-                name="wi_gate",
-                **common,
-            )(x_BxLxD)
+            gate_BxLxF = Dense(cfg, cfg.d_ff, up, use_bias=cfg.use_bias, name="wi_gate")(x_BxLxD)
         h_BxLxF = activate(cfg.feed_forward, h_BxLxF, gate_BxLxF)
         h_BxLxF = nn.with_logical_constraint(h_BxLxF, ACT_BLF)
         h_BxLxF = nn.Dropout(cfg.relu_dropout_rate)(h_BxLxF, deterministic=deterministic)
-        return nn.Dense(
-            cfg.d_model,
-            kernel_init=nn.with_logical_partitioning(dense_init(), ("mlp", "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            name="wo",
-            **common,
-        )(h_BxLxF)
+        down = ("mlp", "embed")
+        return Dense(cfg, cfg.d_model, down, use_bias=cfg.use_bias, name="wo")(h_BxLxF)

@@ -42,6 +42,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from transformer_jax.config import ModelConfig
+from transformer_jax.model import quant
 from transformer_jax.model.layers import ACT_BLD, AUX_LOSS, COUNTS, activate, dtype_of
 
 Array = jax.Array
@@ -163,7 +164,10 @@ class MoEFeedForward(nn.Module):
             self.sow(COUNTS, f"moe_{name}", value)
 
         weights = self._expert_weights(experts, d, f, param_dtype)
-        weights = {name: jnp.asarray(w, dtype) for name, w in weights.items()}
+        weights = {
+            name: w if isinstance(w, quant.Int8Weight) else jnp.asarray(w, dtype)
+            for name, w in weights.items()
+        }
         if cfg.moe_dispatch == "ragged":
             y_BxLxD = self._ragged(x_BxLxD, valid_BxL, routes, weights)
         else:
@@ -180,12 +184,16 @@ class MoEFeedForward(nn.Module):
                 name, nn.with_logical_partitioning(initializer, axes), shape, param_dtype
             )
 
-        weights = {
-            "wi": param("wi", init, ("exp", "embed", "mlp"), (experts, d, f)),
-            "wo": param("wo", init, ("exp", "mlp", "embed"), (experts, f, d)),
+        def matrix(name: str, axes: tuple[str, ...], shape: tuple[int, ...]) -> quant.Weight:
+            # int8: one scale per expert and output channel (axis 1 is the contracted one).
+            return quant.weight(self, name, init, axes, shape, (1,))
+
+        weights: dict[str, Any] = {
+            "wi": matrix("wi", ("exp", "embed", "mlp"), (experts, d, f)),
+            "wo": matrix("wo", ("exp", "mlp", "embed"), (experts, f, d)),
         }
         if cfg.expert_feed_forward == "swiglu":
-            weights["wi_gate"] = param("wi_gate", init, ("exp", "embed", "mlp"), (experts, d, f))
+            weights["wi_gate"] = matrix("wi_gate", ("exp", "embed", "mlp"), (experts, d, f))
         if cfg.use_bias:
             zeros = nn.initializers.zeros
             weights["wi_bias"] = param("wi_bias", zeros, ("exp", "mlp"), (experts, f))
@@ -225,15 +233,15 @@ class MoEFeedForward(nn.Module):
         def bias(name: str) -> Array:
             return w[name][:, None, None, :] if name in w else jnp.zeros((), dtype)
 
-        h_ExBxCxF = jnp.einsum("EBCD,EDF->EBCF", x_ExBxCxD, w["wi"]) + bias("wi_bias")
+        h_ExBxCxF = quant.product("EBCD,EDF->EBCF", x_ExBxCxD, w["wi"], dtype) + bias("wi_bias")
         gate_ExBxCxF = None
         if "wi_gate" in w:
-            gate_ExBxCxF = jnp.einsum("EBCD,EDF->EBCF", x_ExBxCxD, w["wi_gate"])
+            gate_ExBxCxF = quant.product("EBCD,EDF->EBCF", x_ExBxCxD, w["wi_gate"], dtype)
             gate_ExBxCxF = gate_ExBxCxF + bias("wi_gate_bias")
         h_ExBxCxF = activate(cfg.expert_feed_forward, h_ExBxCxF, gate_ExBxCxF)
         h_ExBxCxF = nn.with_logical_constraint(h_ExBxCxF, ACT_EBCF)
         h_ExBxCxF = nn.Dropout(cfg.relu_dropout_rate)(h_ExBxCxF, deterministic=deterministic)
-        y_ExBxCxD = jnp.einsum("EBCF,EFD->EBCD", h_ExBxCxF, w["wo"]) + bias("wo_bias")
+        y_ExBxCxD = quant.product("EBCF,EFD->EBCD", h_ExBxCxF, w["wo"], dtype) + bias("wo_bias")
         y_ExBxCxD = nn.with_logical_constraint(y_ExBxCxD, ACT_EBCD)
         y_ExBxCxD = nn.with_logical_constraint(y_ExBxCxD, ACT_EBCD_ROWS)  # back: all-to-all
         return jnp.einsum("BLEC,EBCD->BLD", combine_BxLxExC.astype(dtype), y_ExBxCxD)
@@ -272,7 +280,7 @@ class MoEFeedForward(nn.Module):
             x_MxD = jnp.take(x_NxD, token_M, axis=0)
 
             def grouped(lhs: Array, name: str) -> Array:
-                out = jax.lax.ragged_dot(lhs, wl[name], group_sizes_E)
+                out = _ragged_product(lhs, wl[name], group_sizes_E, sorted_expert_M)
                 if f"{name}_bias" in wl:
                     out = out + jnp.take(wl[f"{name}_bias"], sorted_expert_M, axis=0)
                 # Rows past the groups (padding) are left to the backend: zero them here.
@@ -304,6 +312,19 @@ class MoEFeedForward(nn.Module):
             out_specs=rows,
             check_vma=False,
         )(*args, *weights)
+
+
+def _ragged_product(
+    lhs_MxD: Array, w: quant.Weight, group_sizes_E: Array, expert_M: Array
+) -> Array:
+    """jax.lax.ragged_dot; an Int8Weight multiplies in int8 with int32 sums (model/quant.py)."""
+    if not isinstance(w, quant.Int8Weight):
+        return jax.lax.ragged_dot(lhs_MxD, w, group_sizes_E)
+    lhs_q, lhs_scale_Mx1 = quant.quantize_rows(lhs_MxD, [1])
+    out = jax.lax.ragged_dot(lhs_q, w.values, group_sizes_E, preferred_element_type=jnp.int32)
+    # Each row's expert's channel scales ([E, 1, F] -> that row's [F]).
+    scale_MxF = jnp.take(w.scale[:, 0, :], expert_M, axis=0)
+    return (out.astype(jnp.float32) * lhs_scale_Mx1 * scale_MxF).astype(lhs_MxD.dtype)
 
 
 def routing_summary(counts: Mapping[str, Any]) -> dict[str, float]:

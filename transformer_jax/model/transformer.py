@@ -15,6 +15,7 @@ from transformer_jax.model.cache import DecoderSteps, StepMask
 from transformer_jax.model.layers import (
     ACT_BLD,
     REPORTED,
+    Dense,
     Embed,
     FeedForward,
     Norm,
@@ -353,14 +354,12 @@ class Decoder(nn.Module):
         if self.output_embedding is not None:
             logits_BxTxV = self.output_embedding.attend(y_BxTxD)
         else:
-            logits_BxTxV = nn.Dense(
+            logits_BxTxV = Dense(
+                cfg,
                 cfg.vocab_size,
+                ("embed", "vocab"),
+                kernel_init=nn.initializers.normal(cfg.d_model**-0.5),
                 use_bias=False,
-                dtype=dtype_of(cfg.dtype),
-                param_dtype=dtype_of(cfg.param_dtype),
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.normal(cfg.d_model**-0.5), ("embed", "vocab")
-                ),
                 name="logits",
             )(y_BxTxD).astype(jnp.float32)
         if cfg.logits_bias:
