@@ -98,7 +98,7 @@ def random_weights_table(args: argparse.Namespace, root: Path) -> None:
     model = Transformer(config)
     int8_model = Transformer(config.replace(quantization="int8"))
     int8_params = jax.jit(
-        lambda p: quantize_params(p, jax.eval_shape(_init, int8_model)["params"])
+        lambda p: quantize_params(p, jax.eval_shape(lambda: _init(int8_model))["params"])
     )(params)
     rng = np.random.default_rng(0)
     src = rng.integers(4, tokenizer.vocab_size, (BATCH, SOURCE_LENGTH)).astype(np.int32)
