@@ -225,3 +225,11 @@ def test_beam_search_compiles_for_v5e_4() -> None:
     assert report.max_length == 96  # config.decode.max_length caps 64 + 50
     assert 0 < report.temp_gib < report.peak_gib < report.capacity_gib == 16.0 and report.fits
     assert "beam search" in aot.format_decode_report(report)
+    # The int8 decoder (weights and KV cache), as load(..., quantization=, kv_cache=) runs it.
+    int8 = aot.run_decode(config, "v5e-4", batch_size=16, quantization="int8", kv_cache="int8")
+    assert (int8.quantization, int8.kv_cache, int8.sentences) == ("int8", "int8", 16)
+    assert int8.argument_gib < 0.4 * report.argument_gib  # int8 parameters: about a quarter
+    assert int8.fits and "weights int8, KV cache int8" in aot.format_decode_report(int8)
+    assert "float -> weights int8" in aot.format_decode_comparison(report, int8)
+    with pytest.raises(ValueError, match="--quantization='int4': unknown"):
+        aot.run_decode(config, "v5e-4", batch_size=16, quantization="int4")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -416,3 +417,18 @@ def test_a_growing_cache_decodes_as_one_full_buffer(
                 np.testing.assert_allclose(grown, whole, rtol=1e-5, err_msg=name)
     # Some sentence of the fixture outlives the first two capacities.
     assert output_lengths(np.asarray(results[4]["greedy"][0])).max() > 8
+
+
+@pytest.mark.parametrize(("V", "k"), [(37000, 8), (37000, 2), (5000, 8), (4097, 8)])
+def test_top_k_rows_equals_lax_top_k(V: int, k: int) -> None:
+    """Beam search's blocked top-k: the same values and columns, ties and -inf included."""
+    from transformer_jax.inference.decode import top_k_rows
+
+    rng = np.random.default_rng(V + k)
+    x = jnp.asarray(rng.normal(size=(6, V)), jnp.float32)
+    x = x.at[:, ::7].set(-jnp.inf).at[2].set(jnp.round(x[2]))  # masked columns, many ties
+    x = x.at[4].set(-jnp.inf).at[4, 5].set(0.0)  # a row with one finite entry
+    expected_values, expected_columns = jax.lax.top_k(x, k)
+    values, columns = jax.jit(top_k_rows, static_argnums=1)(x, k)
+    np.testing.assert_array_equal(values, expected_values)
+    np.testing.assert_array_equal(columns, expected_columns)

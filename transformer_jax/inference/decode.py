@@ -414,6 +414,35 @@ def beam_search(
     return seqs_BxNxT, scores_BxN
 
 
+# top_k_rows' block of columns: 128 was the fastest of 64-512 for 32 rows of 37000 on 2 cores.
+TOP_K_BLOCK = 128
+
+
+def top_k_rows(x_RxV: Array, k: int) -> tuple[Array, Array]:
+    """jax.lax.top_k(x, k) of wide rows, the same values and indices, about 3x faster on CPU.
+
+    A row's k largest lie in the k blocks of TOP_K_BLOCK columns with the largest maxima (a
+    block holding one of them has a maximum at least as large, and at most k - 1 elements are
+    larger), so one max per block, a top-k over the blocks and one over their k x block columns
+    replace the top-k over all V (XLA:CPU's top-k sorts; the max is one vectorized pass). The
+    chosen blocks are taken in column order, so ties still go to the lower column.
+    """
+    R, V = x_RxV.shape
+    if 4 * k * TOP_K_BLOCK >= V:
+        return jax.lax.top_k(x_RxV, k)
+    pad = (-V) % TOP_K_BLOCK
+    blocks_RxNxC = jnp.pad(x_RxV, ((0, 0), (0, pad)), constant_values=-jnp.inf).reshape(
+        R, -1, TOP_K_BLOCK
+    )
+    _, block_Rxk = jax.lax.top_k(jnp.max(blocks_RxNxC, axis=2), k)
+    block_Rxk = jnp.sort(block_Rxk, axis=1)
+    chosen_RxkC = jnp.take_along_axis(blocks_RxNxC, block_Rxk[:, :, None], axis=1).reshape(R, -1)
+    values_Rxk, at_Rxk = jax.lax.top_k(chosen_RxkC, k)
+    rows_Rx1 = jnp.arange(R)[:, None]
+    columns_Rxk = block_Rxk[rows_Rx1, at_Rxk // TOP_K_BLOCK] * TOP_K_BLOCK + at_Rxk % TOP_K_BLOCK
+    return values_Rxk, columns_Rxk
+
+
 def _beam_choices(
     logp_BWxV: Array,
     state: BeamState,
@@ -436,7 +465,7 @@ def _beam_choices(
     # the totals (alive + token), so float ties break exactly as one top-k over W x V would.
     k = min(2 * W, masked_BWxV.shape[-1])
     total_BWxV = state.alive_logp_BxW.reshape(-1)[:, None] + masked_BWxV
-    top_total_BWxk, top_token_BWxk = jax.lax.top_k(total_BWxV, k)
+    top_total_BWxk, top_token_BWxk = top_k_rows(total_BWxV, k)
     cand_logp_Bx2W, flat_Bx2W = jax.lax.top_k(top_total_BWxk.reshape(B, W * k), 2 * W)
     cand_parent_Bx2W = flat_Bx2W // k
     cand_token_Bx2W = top_token_BWxk.reshape(B, W * k)[rows_Bx1, flat_Bx2W]
