@@ -14,7 +14,7 @@ from conftest import run_module
 from transformer_jax.config import ModelConfig
 from transformer_jax.model import Ensemble, Transformer, init_cache
 from transformer_jax.model.cache import bytes_per_token
-from transformer_jax.model.quant import Int8Weight, product, quantize_params, quantize_rows
+from transformer_jax.model.quant import Int8Array, product, quantize_params, quantize_rows
 
 SMALL = {
     "vocab_size": 64,
@@ -57,7 +57,7 @@ def test_int8_product_is_the_dequantized_product(
     w = jax.random.normal(kw, w_shape)
     w_q, w_scale = quantize_rows(w, contract)
     assert w_q.dtype == jnp.int8 and w_scale.ndim == w.ndim
-    got = product(spec, x, Int8Weight(w_q, w_scale), jnp.float32)
+    got = product(spec, x, Int8Array(w_q, w_scale), jnp.float32)
     # The same numbers through float math: int8 sums are exact, so only rounding differs.
     x_axes = [i for i, c in enumerate(spec.split(",")[0]) if c in spec.split(",")[1].split("-")[0]]
     x_axes = [i for i in x_axes if spec.split(",")[0][i] not in spec.split("->")[1]]

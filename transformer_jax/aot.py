@@ -576,7 +576,8 @@ def format_decode_comparison(float_report: DecodeReport, report: DecodeReport) -
         ("temporaries", float_report.temp_gib, report.temp_gib),
         ("peak", float_report.peak_gib, report.peak_gib),
     ]
-    precision = f"weights {report.quantization}, KV cache {report.kv_cache}"
+    weights = "int8" if report.quantization == "int8" else "float"
+    precision = f"weights {weights}, KV cache {report.kv_cache}"
     lines = [f"float -> {precision} (GiB per chip)"]
     lines += [
         f"  {name:<12}{a:8.3f} -> {b:8.3f}  ({b / a:.2f}x)" if a else f"  {name:<12}{a} -> {b}"

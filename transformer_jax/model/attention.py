@@ -148,9 +148,12 @@ class MultiHeadAttention(nn.Module):
 
         if isinstance(mask, StepMask):  # a cached self-attention step, one query per row
             cache = KVCache(self, key_BxSxGxK, copies)
-            key_BxGxSxK, value_BxGxSxK = cache.write(key_BxSxGxK, value_BxSxGxK, mask.slot)
-            key_BxGxSxK = nn.with_logical_constraint(key_BxGxSxK, ACT_BHLK)
-            value_BxGxSxK = nn.with_logical_constraint(value_BxGxSxK, ACT_BHLK)
+            cached_key, cached_value = cache.write(key_BxSxGxK, value_BxSxGxK, mask.slot)
+            # An int8 cache is int8 values and their scales: each leaf laid out alike.
+            key_BxGxSxK, value_BxGxSxK = jax.tree.map(
+                lambda x: nn.with_logical_constraint(x, ACT_BHLK[: x.ndim]),
+                (cached_key, cached_value),
+            )
             # A source's rows query its cache together.
             probs: Array | None
             out_BxTxHxK, probs = kernel.step(

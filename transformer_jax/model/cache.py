@@ -27,13 +27,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from transformer_jax.model.quant import SCALE_SUFFIX, quantize_rows
+from transformer_jax.model.quant import SCALE_SUFFIX, Int8Array, quantize_rows
 
 Array = jax.Array
 
 CACHED_KEY, CACHED_VALUE = "cached_key", "cached_value"
 # With config.kv_cache == "int8" keys and values are int8 and these hold their float32 scales,
-# one per (row, head, slot): [B, G, W x C, 1].
+# one per (row, head, slot): [B, G, W x C].
 CACHED_KEY_SCALE, CACHED_VALUE_SCALE = CACHED_KEY + SCALE_SUFFIX, CACHED_VALUE + SCALE_SUFFIX
 CROSS_KEY, CROSS_VALUE = "cross_key", "cross_value"
 BEAM_ORIGIN = "beam_origin"
@@ -142,8 +142,8 @@ class KVCache:
 
     With config.kv_cache == "int8" they are stored as int8, each (row, head, slot) vector with
     its own float32 scale (symmetric, max|x| / 127: model/quant.py), and `write` hands attention
-    the dequantized cache. Bytes per cached token and layer: 2 G (K + 4) against 2 G K x 2
-    (bfloat16) or x 4 (float32); see `bytes_per_token`.
+    the int8 values with their scales (`Int8Array`). Bytes per cached token and layer:
+    2 G (K + 4) against 2 G K x 2 (bfloat16) or x 4 (float32); see `bytes_per_token`.
     """
 
     def __init__(self, module: nn.Module, key_RxTxGxK: Array, copies: int) -> None:
@@ -155,7 +155,9 @@ class KVCache:
         self.key = module.variable("cache", CACHED_KEY, jnp.zeros, shape, stored)
         self.value = module.variable("cache", CACHED_VALUE, jnp.zeros, shape, stored)
         if self.int8:
-            scales = (*shape[:3], 1)
+            # [B, G, S]: slots as the minor axis, so a TPU tiles the scales densely (a trailing
+            # axis of 1 would be padded to 128 lanes, costing more than the values saved).
+            scales = shape[:3]
             self.key_scale = module.variable(
                 "cache", CACHED_KEY_SCALE, jnp.ones, scales, jnp.float32
             )
@@ -164,8 +166,10 @@ class KVCache:
             )
         self.copies = copies
 
-    def write(self, key_RxTxGxK: Array, value_RxTxGxK: Array, slot: Array) -> tuple[Array, Array]:
-        """Store one step's keys and values at `slot` of every row; the whole cache."""
+    def write(
+        self, key_RxTxGxK: Array, value_RxTxGxK: Array, slot: Array
+    ) -> tuple[Array | Int8Array, Array | Int8Array]:
+        """Store one step's keys and values at `slot` of every row; the whole cache (as stored)."""
         _, T, G, _ = key_RxTxGxK.shape
         if T != 1:
             raise ValueError(
@@ -176,15 +180,17 @@ class KVCache:
         B, S = self.key.value.shape[0], self.key.value.shape[2]
         C, zero = S // W, jnp.array(0, jnp.int32)
 
-        def write(cache_BxGxSxK: Array, new_RxTxGxK: Array) -> Array:
-            new_BxGxWxK = new_RxTxGxK.reshape(B, W, G, -1).transpose(0, 2, 1, 3)
+        def write(cache_BxGxSx_: Array, new_RxTxGx_: Array) -> Array:
+            # [B, G, S, K] keys or values, or [B, G, S] scales.
+            new_BxGxWx_ = new_RxTxGx_.reshape(B, W, G, *cache_BxGxSx_.shape[3:]).swapaxes(1, 2)
             # One in-place update per row: writing a [B, G, W, 1, K] view of the cache instead
             # makes XLA:CPU fuse the update into both its readers and copy the cache per step.
             for w in range(W):
-                cache_BxGxSxK = jax.lax.dynamic_update_slice(
-                    cache_BxGxSxK, new_BxGxWxK[:, :, w : w + 1], (zero, zero, w * C + slot, zero)
+                start = (zero, zero, w * C + slot, *[zero] * (cache_BxGxSx_.ndim - 3))
+                cache_BxGxSx_ = jax.lax.dynamic_update_slice(
+                    cache_BxGxSx_, new_BxGxWx_[:, :, w : w + 1], start
                 )
-            return cache_BxGxSxK
+            return cache_BxGxSx_
 
         if not self.int8:
             self.key.value = write(self.key.value, key_RxTxGxK)
@@ -197,8 +203,10 @@ class KVCache:
         ):
             new_q, new_scale = quantize_rows(new_RxTxGxK, [3])
             values.value = write(values.value, new_q)
-            scales.value = write(scales.value, new_scale)
-            stored.append((values.value.astype(jnp.float32) * scales.value).astype(self.dtype))
+            scales.value = write(scales.value, new_scale[..., 0])
+            # Handed over as stored: the step's attention applies the scales to its scores and
+            # probabilities, so no float copy of the cache is made (kernels.cached_step_attention).
+            stored.append(Int8Array(values.value, scales.value))
         return stored[0], stored[1]
 
 
@@ -230,14 +238,17 @@ def cross_memory(
         for name, projected_BxSxGxK in zip((CROSS_KEY, CROSS_VALUE), project(), strict=True):
             if int8:
                 projected_BxSxGxK, scale_BxSxGx1 = quantize_rows(projected_BxSxGxK, [3])
-                module.put_variable("cache", name + SCALE_SUFFIX, scale_BxSxGx1)
+                # [B, G, S], lane-dense on a TPU as the self-attention cache's scales.
+                module.put_variable(
+                    "cache", name + SCALE_SUFFIX, scale_BxSxGx1[..., 0].swapaxes(1, 2)
+                )
             module.put_variable("cache", name, projected_BxSxGxK)
     stored = []
     for name in (CROSS_KEY, CROSS_VALUE):
         x_BxSxGxK: Array = module.get_variable("cache", name)
         if int8:
-            scale_BxSxGx1 = module.get_variable("cache", name + SCALE_SUFFIX)
-            x_BxSxGxK = x_BxSxGxK.astype(jnp.float32) * scale_BxSxGx1
+            scale_BxGxS: Array = module.get_variable("cache", name + SCALE_SUFFIX)
+            x_BxSxGxK = x_BxSxGxK.astype(jnp.float32) * scale_BxGxS.swapaxes(1, 2)[..., None]
             x_BxSxGxK = x_BxSxGxK.astype(jnp.dtype(module.config.dtype))
         stored.append(x_BxSxGxK)
     return stored[0], stored[1]

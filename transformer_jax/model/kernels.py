@@ -29,6 +29,7 @@ import numpy as np
 from transformer_jax.config import ModelConfig
 from transformer_jax.model.cache import StepMask
 from transformer_jax.model.masks import AttentionMask
+from transformer_jax.model.quant import Int8Array
 
 Array = jax.Array
 
@@ -103,8 +104,8 @@ def einsum_attention(
 
 def cached_step_attention(
     query_BxTxHxK: Array,
-    key_BxGxSxK: Array,
-    value_BxGxSxK: Array,
+    key_BxGxSxK: Array | Int8Array,
+    value_BxGxSxK: Array | Int8Array,
     mask: StepMask,
     bias_BxHxTxS: Array | None = None,
 ) -> tuple[Array, Array]:
@@ -115,22 +116,36 @@ def cached_step_attention(
     transposes nor copies it. One query per row is a matrix-vector product that reads each
     cached key once; a flash kernel's query blocks (128 rows on TPU) would be padding. Returns
     (output [B, T, H, K], probabilities [B, H, T, S]).
+
+    An int8 cache (config.kv_cache="int8") arrives as int8 values with one scale per slot:
+    key scales multiply the scores and value scales the probabilities, so the products read
+    the int8 values converted on the way in (fused into the dot on TPU), never a float copy.
     """
     B, T, H, K = query_BxTxHxK.shape
-    G = key_BxGxSxK.shape[1]
+    G = key_BxGxSxK.values.shape[1] if isinstance(key_BxGxSxK, Int8Array) else key_BxGxSxK.shape[1]
     R = H // G
     query_BxGxRxTxK = scale_query(query_BxTxHxK).reshape(B, T, G, R, K).transpose(0, 2, 3, 1, 4)
+    key_scale_Bx1x1x1xS: Array | None = None
+    if isinstance(key_BxGxSxK, Int8Array):
+        key_scale_Bx1x1x1xS = key_BxGxSxK.scale[:, :, None, None, :]
+        key_BxGxSxK = key_BxGxSxK.values.astype(query_BxGxRxTxK.dtype)
     scores_BxGxRxTxS = jnp.einsum(
         "BGRTK,BGSK->BGRTS", query_BxGxRxTxK, key_BxGxSxK, preferred_element_type=jnp.float32
     )
+    if key_scale_Bx1x1x1xS is not None:
+        scores_BxGxRxTxS = scores_BxGxRxTxS * key_scale_Bx1x1x1xS
     if bias_BxHxTxS is not None:
         scores_BxGxRxTxS += bias_BxHxTxS.reshape(-1, G, R, *bias_BxHxTxS.shape[2:])
     scores_BxGxRxTxS = jnp.where(
         mask.dense()[:, :, None], scores_BxGxRxTxS, jnp.finfo(jnp.float32).min
     )
     probs_BxGxRxTxS = jax.nn.softmax(scores_BxGxRxTxS.astype(jnp.float32), axis=-1)
+    weights_BxGxRxTxS = probs_BxGxRxTxS
+    if isinstance(value_BxGxSxK, Int8Array):
+        weights_BxGxRxTxS = probs_BxGxRxTxS * value_BxGxSxK.scale[:, :, None, None, :]
+        value_BxGxSxK = value_BxGxSxK.values.astype(query_BxTxHxK.dtype)
     out_BxGxRxTxK = jnp.einsum(
-        "BGRTS,BGSK->BGRTK", probs_BxGxRxTxS.astype(value_BxGxSxK.dtype), value_BxGxSxK
+        "BGRTS,BGSK->BGRTK", weights_BxGxRxTxS.astype(value_BxGxSxK.dtype), value_BxGxSxK
     )
     out_BxTxHxK = out_BxGxRxTxK.transpose(0, 3, 1, 2, 4).reshape(B, T, H, K)
     return out_BxTxHxK, probs_BxGxRxTxS.reshape(B, H, T, -1)

@@ -83,8 +83,8 @@ class Embed(nn.Module):
         Left sharded along embed, the lookup's output would be split along d_model on the same
         mesh axis that splits the batch, and XLA would replicate the activations to fix it.
         """
-        if isinstance(self.embedding, quant.Int8Weight):
-            return quant.Int8Weight(
+        if isinstance(self.embedding, quant.Int8Array):
+            return quant.Int8Array(
                 nn.with_logical_constraint(self.embedding.values, ("vocab", None)),
                 self.embedding.scale,
             )
@@ -95,8 +95,8 @@ class Embed(nn.Module):
         """Look up ids and multiply by sqrt(d_model) (section 3.4), in the compute dtype."""
         cfg = self.config
         table = self._gathered_table()
-        if isinstance(table, quant.Int8Weight):
-            rows = quant.Int8Weight(
+        if isinstance(table, quant.Int8Array):
+            rows = quant.Int8Array(
                 jnp.take(table.values, ids_BxL, axis=0), jnp.take(table.scale, ids_BxL, axis=0)
             )
             x_BxLxD = rows.dequantized(dtype_of(cfg.dtype))
@@ -107,7 +107,7 @@ class Embed(nn.Module):
     def attend(self, y_BxTxD: Array) -> Array:
         """Pre-softmax projection with the shared matrix; float32 logits."""
         table = self._gathered_table()
-        if isinstance(table, quant.Int8Weight):
+        if isinstance(table, quant.Int8Array):
             return quant.product("BTD,VD->BTV", y_BxTxD, table, jnp.float32)
         return jnp.einsum("BTD,VD->BTV", y_BxTxD, table, preferred_element_type=jnp.float32).astype(
             jnp.float32
@@ -187,7 +187,7 @@ class Dense(nn.Module):
         dtype = dtype_of(cfg.dtype)
         shape = (x.shape[-1], self.features)
         kernel = quant.weight(self, "kernel", self.kernel_init, self.axes, shape, (0,))
-        if isinstance(kernel, quant.Int8Weight):
+        if isinstance(kernel, quant.Int8Array):
             batch = "ABCEGHIJ"[: x.ndim - 1]
             y = quant.product(f"{batch}D,DF->{batch}F", x, kernel, dtype)
         else:

@@ -165,7 +165,7 @@ class MoEFeedForward(nn.Module):
 
         weights = self._expert_weights(experts, d, f, param_dtype)
         weights = {
-            name: w if isinstance(w, quant.Int8Weight) else jnp.asarray(w, dtype)
+            name: w if isinstance(w, quant.Int8Array) else jnp.asarray(w, dtype)
             for name, w in weights.items()
         }
         if cfg.moe_dispatch == "ragged":
@@ -317,8 +317,8 @@ class MoEFeedForward(nn.Module):
 def _ragged_product(
     lhs_MxD: Array, w: quant.Weight, group_sizes_E: Array, expert_M: Array
 ) -> Array:
-    """jax.lax.ragged_dot; an Int8Weight multiplies in int8 with int32 sums (model/quant.py)."""
-    if not isinstance(w, quant.Int8Weight):
+    """jax.lax.ragged_dot; an Int8Array multiplies in int8 with int32 sums (model/quant.py)."""
+    if not isinstance(w, quant.Int8Array):
         return jax.lax.ragged_dot(lhs_MxD, w, group_sizes_E)
     lhs_q, lhs_scale_Mx1 = quant.quantize_rows(lhs_MxD, [1])
     out = jax.lax.ragged_dot(lhs_q, w.values, group_sizes_E, preferred_element_type=jnp.int32)

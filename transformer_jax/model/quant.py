@@ -34,8 +34,12 @@ SCALE_SUFFIX = "_scale"
 
 
 @flax.struct.dataclass
-class Int8Weight:
-    """An int8 weight and its float32 per-channel scale (same rank; 1 on contracted axes)."""
+class Int8Array:
+    """int8 values and their float32 scales.
+
+    A weight's scale is per output channel (1 on the axes its products sum over). The int8
+    KV cache's are one per (row, head, slot): [B, G, S] for values [B, G, S, K].
+    """
 
     values: Array  # int8
     scale: Array  # float32
@@ -45,7 +49,7 @@ class Int8Weight:
         return (self.values.astype(jnp.float32) * self.scale).astype(dtype)
 
 
-Weight = Array | Int8Weight
+Weight = Array | Int8Array
 
 
 def quantize_rows(x: Array, axes: Sequence[int]) -> tuple[Array, Array]:
@@ -93,16 +97,16 @@ def weight(
         scale_shape,
         jnp.float32,
     )
-    return Int8Weight(cast(Array, values), cast(Array, scale))
+    return Int8Array(cast(Array, values), cast(Array, scale))
 
 
 def product(spec: str, x: Array, w: Weight, dtype: Any) -> Array:
-    """jnp.einsum(spec, x, w) in `dtype`; an Int8Weight multiplies in int8 with int32 sums.
+    """jnp.einsum(spec, x, w) in `dtype`; an Int8Array multiplies in int8 with int32 sums.
 
     spec is a two-operand einsum ("BLD,DNK->BLNK") whose output keeps x's free axes, then
     w's, each in their own order (as every product in the model does).
     """
-    if not isinstance(w, Int8Weight):
+    if not isinstance(w, Int8Array):
         return jnp.einsum(spec, x.astype(dtype), jnp.asarray(w, dtype))
     inputs, out = spec.split("->")
     x_letters, w_letters = inputs.split(",")
