@@ -64,7 +64,9 @@ def test_serve_speed_compares_the_engines_on_one_table() -> None:
     assert len(rows) == 4, out.stdout
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        ours, fp32, int8 = (float(c.replace(",", "")) for c in cells[2:5])
-        assert min(ours, fp32, int8) > 0
-        assert float(cells[5]) == pytest.approx(ours / fp32, rel=0.02, abs=0.01), cells
+        ours, ours_int8, fp32, int8 = (float(c.replace(",", "")) for c in cells[2:6])
+        assert min(ours, ours_int8, fp32, int8) > 0
+        assert float(cells[6]) == pytest.approx(ours / fp32, rel=0.02, abs=0.01), cells
+        assert float(cells[7]) == pytest.approx(ours_int8 / int8, rel=0.02, abs=0.01), cells
+        assert float(cells[8]) == pytest.approx(ours_int8 / ours, rel=0.02, abs=0.01), cells
     assert out.stdout.count("cost per token at L=8 vs L=4") == 2
