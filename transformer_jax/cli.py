@@ -104,11 +104,6 @@ def load_translator(args: argparse.Namespace) -> Any:
     try:
         for name in quantization:
             check_names(name, kv_cache, flags=True)
-        if len(quantization) not in (1, max(len(args.workdir), len(args.step or [None]))):
-            raise ValueError(
-                f"--quantization: {len(quantization)} names for the models of --workdir and "
-                "--step; give one for all"
-            )
         return load(
             args.workdir[0] if len(args.workdir) == 1 else args.workdir,
             args.step[0] if args.step and len(args.step) == 1 else args.step,

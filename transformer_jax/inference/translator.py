@@ -238,7 +238,8 @@ def load(
     )
     if len(quantizations) != len(members):
         raise ValueError(
-            f"quantization: {len(quantizations)} names for {len(members)} models; give one"
+            f"--quantization: {len(quantizations)} names for {len(members)} models; give one "
+            "name for all"
         )
     for name in quantizations:
         check_names(name, kv_cache)
